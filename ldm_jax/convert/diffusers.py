@@ -1,0 +1,213 @@
+"""diffusers Stable Diffusion folders in and out: safetensors only, no torch."""
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as st_numpy
+
+from ldm_jax.convert import tables
+from ldm_jax.models import build
+from ldm_jax.models import config_io
+from ldm_jax.models import text_encoder as text_encoder_lib
+from ldm_jax.models import unet as unet_lib
+from ldm_jax.models import vae as vae_lib
+
+COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+_WEIGHTS_NAME = {'unet': 'diffusion_pytorch_model', 'vae': 'diffusion_pytorch_model',
+                 'text_encoder': 'model'}
+# Old diffusers VAEs (and the removed Flax VAE) name the mid-block attention projections so.
+_VAE_ALIASES = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.',
+                '.proj_attn.': '.to_out.0.'}
+_DIFFUSERS_VERSION = '0.42.1'  # written into the configs we export
+
+
+class ConversionError(ValueError):
+  """A folder or file that cannot be loaded, with what to do about it."""
+
+
+@dataclasses.dataclass
+class Components:
+  """A Stable Diffusion model: each network is a `(module, params)` pair."""
+  unet: tuple
+  vae: tuple
+  text_encoder: tuple
+  tokenizer: Any  # a transformers CLIPTokenizer, or None
+  scheduler_config: dict
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+def load_diffusers(path, dtype=jnp.float32, param_dtype=None, variant=None):
+  """Loads a diffusers Stable Diffusion folder.
+
+  Args:
+    path: the folder holding model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+    dtype: compute dtype of the networks.
+    param_dtype: storage dtype of the parameters (default: `dtype`).
+    variant: a weights variant such as 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
+
+  Returns:
+    Components.
+
+  Raises:
+    ConversionError: a missing component or weights file, or weights in pickle (.bin) form.
+    tables.WeightsMismatchError: weights that do not fit their config, listing every key.
+  """
+  if not os.path.isfile(os.path.join(path, 'model_index.json')):
+    raise ConversionError(f'{path} is not a diffusers pipeline folder: no model_index.json. '
+                          'Pass the folder that holds model_index.json, unet/, vae/, ...')
+  index = config_io.read_json(os.path.join(path, 'model_index.json'))
+  absent = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+  if absent:
+    raise ConversionError(f'{path} is missing {", ".join(c + "/" for c in absent)}: a Stable '
+                          f'Diffusion folder needs {", ".join(COMPONENTS)} '
+                          f'(model_index.json lists {sorted(k for k in index if not k.startswith("_"))})')
+  kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
+  return Components(
+      unet=load_unet(os.path.join(path, 'unet'), **kw),
+      vae=load_vae(os.path.join(path, 'vae'), **kw),
+      text_encoder=load_text_encoder(os.path.join(path, 'text_encoder'), **kw),
+      tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')),
+      scheduler_config=load_scheduler_config(os.path.join(path, 'scheduler')))
+
+
+def load_unet(folder, dtype=jnp.float32, param_dtype=None, variant=None):
+  """A diffusers `unet/` folder -> (UNet2DConditionModel, params)."""
+  config = unet_lib.UNetConfig.from_diffusers(
+      _read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype)
+  module = unet_lib.UNet2DConditionModel(config)
+  return module, _load_params(module, read_weights(folder, 'unet', variant), 'unet')
+
+
+def load_vae(folder, dtype=jnp.float32, param_dtype=None, variant=None):
+  """A diffusers `vae/` folder -> (AutoencoderKL, params); both attention namings accepted."""
+  config = vae_lib.VAEConfig.from_diffusers(
+      _read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype)
+  module = vae_lib.AutoencoderKL(config)
+  state = {}
+  for key, value in read_weights(folder, 'vae', variant).items():
+    for old, new in _VAE_ALIASES.items():
+      key = key.replace(old, new) if '.attentions.' in key else key
+    state[key] = value
+  return module, _load_params(module, state, 'vae')
+
+
+def load_text_encoder(folder, dtype=jnp.float32, param_dtype=None, variant=None):
+  """A transformers `text_encoder/` folder -> (CLIPTextModel, params).
+
+  Accepts keys with the `text_model.` prefix (transformers 4) or without (transformers 5).
+  """
+  config = text_encoder_lib.TextEncoderConfig.from_transformers(
+      _read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype)
+  module = text_encoder_lib.CLIPTextModel(config)
+  state = {}
+  for key, value in read_weights(folder, 'text_encoder', variant).items():
+    key = key.removeprefix('text_model.')
+    if not key.endswith('position_ids'):  # a buffer some files carry, not a parameter
+      state[key] = value
+  return module, _load_params(module, state, 'text_encoder')
+
+
+def load_tokenizer(folder):
+  """The tokenizer folder through transformers (loaded from disk only, never from a hub)."""
+  import transformers  # pylint: disable=g-import-not-at-top  (slow import, only when needed)
+  return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_scheduler_config(folder):
+  return _read_config(folder, 'scheduler_config.json')
+
+
+def _read_config(folder, name='config.json'):
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise ConversionError(f'{path} is missing: every component folder needs its {name}')
+  return config_io.read_json(path)
+
+
+def _load_params(module, state, name):
+  abstract = build.abstract_params(module)
+  params = tables.to_flax(state, abstract, name=name)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def read_weights(folder, component, variant=None):
+  """All tensors of a component folder: one safetensors file or a sharded index.
+
+  Returns:
+    {key: numpy array}.
+  """
+  base = os.path.join(folder, _WEIGHTS_NAME[component])
+  suffix = f'.{variant}' if variant else ''
+  single = f'{base}{suffix}.safetensors'
+  index = next((p for p in (f'{base}.safetensors.index{suffix}.json',
+                            f'{base}{suffix}.safetensors.index.json') if os.path.isfile(p)), None)
+  if os.path.isfile(single):
+    return _read_safetensors(single)
+  if index:
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for shard in shards:
+      state.update(_read_safetensors(os.path.join(folder, shard)))
+    return state
+  pickles = glob.glob(os.path.join(folder, '*.bin')) + glob.glob(os.path.join(folder, '*.ckpt'))
+  if pickles:
+    raise ConversionError(
+        f'{folder} holds only PyTorch pickle weights ({os.path.basename(pickles[0])}); ldm_jax '
+        'reads safetensors and never unpickles. Download the .safetensors files of the model, or '
+        'convert once where torch is installed: `Model.from_pretrained(dir).save_pretrained(dir, '
+        'safe_serialization=True)`.')
+  raise ConversionError(f'{folder} has no weights: expected {os.path.basename(single)} or a '
+                        f'sharded {os.path.basename(base)}.safetensors.index.json')
+
+
+def _read_safetensors(path):
+  try:
+    return st_numpy.load_file(path)
+  except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+    raise ConversionError(f'{path} is not a readable safetensors file ({e}); re-download it') from e
+
+
+def save_diffusers(components, path):
+  """Writes a diffusers folder that diffusers' and transformers' `from_pretrained` load.
+
+  Weights are written in float32 safetensors, configs as diffusers/transformers write them.
+  """
+  os.makedirs(path, exist_ok=True)
+  (unet_module, unet_params), (vae_module, vae_params) = components.unet, components.vae
+  te_module, te_params = components.text_encoder
+  _save_component(path, 'unet', unet_module.config.to_diffusers(), tables.to_torch(unet_params))
+  _save_component(path, 'vae', vae_module.config.to_diffusers(), tables.to_torch(vae_params))
+  te_state = {('' if k.startswith('text_projection') else 'text_model.') + k: v
+              for k, v in tables.to_torch(te_params).items()}
+  _save_component(path, 'text_encoder', te_module.config.to_transformers(), te_state)
+  if components.tokenizer is not None:
+    components.tokenizer.save_pretrained(os.path.join(path, 'tokenizer'))
+  scheduler = dict(components.scheduler_config)
+  config_io.write_json(scheduler, os.path.join(path, 'scheduler', 'scheduler_config.json'))
+  te_class = te_module.config.to_transformers()['architectures'][0]
+  config_io.write_json({
+      '_class_name': 'StableDiffusionPipeline', '_diffusers_version': _DIFFUSERS_VERSION,
+      'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
+      'text_encoder': ['transformers', te_class], 'tokenizer': ['transformers', 'CLIPTokenizer'],
+      'scheduler': ['diffusers', scheduler.get('_class_name', 'PNDMScheduler')],
+      'safety_checker': [None, None], 'feature_extractor': [None, None],
+      'requires_safety_checker': False,
+  }, os.path.join(path, 'model_index.json'))
+
+
+def _save_component(path, name, config, state):
+  folder = os.path.join(path, name)
+  if name != 'text_encoder':
+    config = config | {'_diffusers_version': _DIFFUSERS_VERSION}
+  config_io.write_json(config, os.path.join(folder, 'config.json'))
+  filename = _WEIGHTS_NAME[name] + '.safetensors'
+  st_numpy.save_file(state, os.path.join(folder, filename), metadata={'format': 'pt'})

@@ -34,6 +34,29 @@ def init_params(module, key):
   return module.init(key, *example_inputs(module))['params']
 
 
+def random_params(module, seed=0):
+  """Random parameters drawn on the host with numpy, for tests and benchmarks.
+
+  Compiling `init_params` costs ~50 ms per random op on XLA:CPU (10 s for the tiny U-Net); this
+  costs nothing to compile. Kernels are N(0, 1/fan_in), norm scales 1 + N(0, 0.02^2), biases and
+  embeddings N(0, 0.02^2), so every leaf matters and activations keep their scale.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    x = rng.standard_normal(leaf.shape, dtype=np.float32)
+    if name == 'kernel':
+      x /= np.sqrt(np.prod(leaf.shape[:-1]))
+    else:
+      x *= 0.02
+      if name == 'scale':
+        x += 1.0
+    return jnp.asarray(x, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract_params(module))
+
+
 def count_params(params):
   """Total number of parameters in a (possibly abstract) tree."""
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -9,6 +9,29 @@ from ldm_jax.models import unet
 from ldm_jax.models import vae
 
 
+PRESETS = ('sd15', 'sd21', 'tiny')
+
+
+def networks_from_config(model_config):
+  """The three modules named by a config's `model` group (preset, dtype, param_dtype, ...).
+
+  Returns:
+    {'unet': UNet2DConditionModel, 'vae': AutoencoderKL, 'text_encoder': CLIPTextModel}.
+  """
+  preset = model_config.preset
+  if preset not in PRESETS:
+    raise ValueError(f'model.preset={preset!r} is not one of {PRESETS}')
+  runtime = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
+                 attention_impl=model_config.attention_impl, remat=model_config.remat)
+  te_preset = 'openclip_h' if preset == 'sd21' else preset
+  return {
+      'unet': unet.UNet2DConditionModel(getattr(unet.UNetConfig, preset)(**runtime)),
+      'vae': vae.AutoencoderKL(getattr(vae.VAEConfig, preset)(**runtime)),
+      'text_encoder': text_encoder.CLIPTextModel(
+          getattr(text_encoder.TextEncoderConfig, te_preset)(**runtime)),
+  }
+
+
 def example_inputs(module, batch=1):
   """The smallest inputs that trace `module` (parameters do not depend on their sizes)."""
   c = module.config

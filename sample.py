@@ -1,27 +1,85 @@
-"""Sampling entry point (thin): builds the networks named by a config and reports them.
+"""Sampling entry point (thin): text-to-image, img2img and inpainting from a diffusers folder.
 
-  python sample.py --config configs/sd15.py [--config.init=/models/stable-diffusion-v1-5]
+  python sample.py --init /models/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \
+      --num_images 4 --batch_size 4 --sampler dpmpp_2m_karras --steps 25 --out samples/
+  python sample.py --config configs/sd15.py --config.init=/models/sd15 --prompts_file prompts.txt
+  python sample.py --init DIR --prompt "a castle" --init_image in.png --strength 0.6 [--mask m.png]
 
-Text-to-image sampling arrives with the sampling issue; until then this checks a config,
-loads its weights when `config.init` names a diffusers folder, and prints parameter counts.
+Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... per image) to
+--out. Sampling from our own training checkpoints (--workdir) arrives with the training issue.
 """
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ldm_jax import inspect_networks
+from ldm_jax import convert
+from ldm_jax import sampling_cli
+from ldm_jax.diffusion import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-flags.mark_flags_as_required(['config'])
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (optional); its `init` is used like --init.',
+    lock_config=True)
+_INIT = flags.DEFINE_string('init', None, 'A diffusers folder to sample from (wins over '
+                            'config.init).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (not supported until the '
+                               'training issue lands).')
+_DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype, e.g. bfloat16 (default: '
+                             'config.model.dtype, else float32).')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file, one prompt a line.')
+_NEGATIVE_PROMPT = flags.DEFINE_string('negative_prompt', '', 'Negative prompt for every image.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Denoising steps.')
+_SAMPLER = flags.DEFINE_string('sampler', 'ddim', f'One of {", ".join(pipeline.SAMPLERS)}.')
+_GUIDANCE = flags.DEFINE_float('guidance', 7.5, 'Classifier-free guidance scale.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the first generate call; call b uses seed + b.')
+_HEIGHT = flags.DEFINE_integer('height', None, 'Image height, a multiple of 8 (default: the '
+                               'init image\'s, else the model\'s native size).')
+_WIDTH = flags.DEFINE_integer('width', None, 'Image width, a multiple of 8.')
+_INIT_IMAGE = flags.DEFINE_string('init_image', None, 'An image to start from (img2img).')
+_STRENGTH = flags.DEFINE_float('strength', None, 'How much of --init_image to repaint, in '
+                               '(0, 1] (default 0.8, or 1.0 with --mask).')
+_MASK = flags.DEFINE_string('mask', None, 'Inpainting mask for --init_image, white = repaint.')
+_OUT = flags.DEFINE_string('out', 'samples/', 'Output folder.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Images per generate call.')
+
+
+def _request():
+  """The sampling request the flags describe."""
+  return sampling_cli.Request(
+      prompts=tuple(sampling_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)),
+      negative_prompt=_NEGATIVE_PROMPT.value, num_images=_NUM_IMAGES.value, steps=_STEPS.value,
+      sampler=_SAMPLER.value, guidance=_GUIDANCE.value, seed=_SEED.value,
+      height=_HEIGHT.value, width=_WIDTH.value, init_image=_INIT_IMAGE.value,
+      strength=_STRENGTH.value, mask=_MASK.value, out_dir=_OUT.value,
+      batch_size=_BATCH_SIZE.value)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}: quote prompts, --prompt "a b c"')
   logging.set_verbosity(logging.INFO)
-  print(inspect_networks.report(_CONFIG.value))
+
+  # Setup: check everything before the (slow) weight loading.
+  try:
+    source = sampling_cli.resolve_model(_INIT.value, _CONFIG.value, _WORKDIR.value, _DTYPE.value)
+    request = _request()
+    sampling_cli.validate(request, pipeline.SAMPLERS)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+  # Model.
+  logging.info('loading %s (compute %s, params %s)', source.path, source.dtype,
+               source.param_dtype)
+  components = convert.load_diffusers(source.path, dtype=jnp.dtype(source.dtype),
+                                      param_dtype=jnp.dtype(source.param_dtype))
+  sd = pipeline.StableDiffusion(components)
+
+  # Loop.
+  sampling_cli.run(sd, request)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,279 @@
+"""The logic behind sample.py: checking a request, seeded batches of prompts, running them."""
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ldm_jax.diffusion import outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One sampling run, whoever asks for it (sample.py's flags, a notebook, a test)."""
+  prompts: tuple = ()
+  negative_prompt: str = ''
+  num_images: int = 1  # per prompt
+  steps: int = 50
+  sampler: str = 'ddim'
+  guidance: float = 7.5
+  seed: int = 0
+  height: int | None = None  # None: the init image's size, else the model's native size
+  width: int | None = None
+  init_image: str | None = None  # a path; img2img (or inpainting with `mask`)
+  strength: float | None = None  # None: 0.8 for img2img, 1.0 with a mask (diffusers' defaults)
+  mask: str | None = None  # a path; white = repaint
+  out_dir: str = 'samples'
+  batch_size: int = 1  # images per generate call
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One generate call: its prompts, the seed of its noise and the index of its first image."""
+  prompts: tuple
+  seed: int
+  start: int
+  num_real: int  # keep the first num_real images; the rest pad the last call to full size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where the weights come from and the dtypes to load them in."""
+  path: str
+  dtype: str
+  param_dtype: str
+
+
+def read_prompts(prompts=(), prompts_file=None):
+  """The prompts given one by one, then those of `prompts_file` (one a line, blanks skipped)."""
+  prompts = [p for p in prompts or ()]
+  if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise ValueError(f'--prompts_file {prompts_file!r} does not exist (or is not a file)')
+    with open(prompts_file, encoding='utf-8') as f:
+      prompts += [line.strip() for line in f if line.strip()]
+  return prompts  # `validate` says what to do when there are none
+
+
+def resolve_model(init=None, config=None, workdir=None, dtype=None):
+  """Picks the weights to sample from: --init, else config.init; --workdir is not ready yet.
+
+  Args:
+    init: a diffusers folder (--init); wins over `config.init`.
+    config: an experiment ConfigDict or None; its `init` and `model.dtype/param_dtype` are used.
+    workdir: a training workdir; refused until the training issue brings checkpoints.
+    dtype: compute dtype name overriding the config's (default: config's, else float32).
+
+  Returns:
+    ModelSource.
+  """
+  if workdir:
+    raise ValueError(f'--workdir {workdir!r}: sampling from our own training checkpoints arrives '
+                     'with the training issue; for now pass --init DIR (a diffusers folder)')
+  path = init or (config.get('init') if config is not None else None)
+  if not path:
+    raise ValueError('nothing to sample from: pass --init DIR (a diffusers folder with '
+                     'model_index.json) or a --config whose `init` names one')
+  if not os.path.isdir(path):
+    raise ValueError(f'model folder {path!r} does not exist: --init (or config.init) must name '
+                     'a diffusers folder holding model_index.json, unet/, vae/, ...')
+  model = config.get('model') if config is not None else None
+  dtype = dtype or (model.dtype if model else 'float32')
+  return ModelSource(path, dtype, model.param_dtype if model else dtype)
+
+
+def validate(request, samplers):
+  """Raises ValueError listing every problem with `request`, each with its fix."""
+  r = request
+  problems = []
+  if not r.prompts:
+    problems.append('no prompts: pass --prompt "a photo of ..." (repeatable) or --prompts_file '
+                    'FILE (one prompt a line)')
+  if r.sampler not in samplers:
+    problems.append(f'unknown sampler {r.sampler!r}: choose one of {", ".join(samplers)}')
+  for name in ('num_images', 'steps', 'batch_size'):
+    if getattr(r, name) < 1:
+      problems.append(f'--{name} is {getattr(r, name)}; it must be at least 1')
+  for name in ('height', 'width'):
+    size = getattr(r, name)
+    if size is not None and (size < 8 or size % 8):
+      fixed = max(8, size // 8 * 8)
+      problems.append(f'--{name} {size} is not a positive multiple of 8 (the VAE downsamples by '
+                      f'8): try {fixed}')
+  if r.strength is not None and not 0 < r.strength <= 1:
+    problems.append(f'--strength {r.strength} is outside (0, 1]: 1 repaints fully, small values '
+                    'stay close to --init_image')
+  if r.mask and not r.init_image:
+    problems.append('--mask needs --init_image: the mask marks which pixels of it to repaint')
+  for flag, path in (('init_image', r.init_image), ('mask', r.mask)):
+    if path and not os.path.isfile(path):
+      problems.append(f'--{flag} {path!r} does not exist (or is not a file)')
+  if problems:
+    raise ValueError('bad sampling request:\n  ' + '\n  '.join(problems))
+
+
+def plan_batches(request):
+  """Expands prompts x num_images (prompt-major) into generate calls of equal size.
+
+  Call b draws its noise from seed + b, so calls differ; the last call is padded with copies
+  of its last prompt so every call has the same shape (one compilation), and the extra images
+  are dropped.
+
+  Args:
+    request: a Request (validated).
+
+  Returns:
+    A list of Batch.
+  """
+  prompts = [p for p in request.prompts for _ in range(request.num_images)]
+  size = min(request.batch_size, len(prompts))
+  batches = []
+  for b, start in enumerate(range(0, len(prompts), size)):
+    chunk = prompts[start:start + size]
+    padded = chunk + chunk[-1:] * (size - len(chunk))
+    batches.append(Batch(tuple(padded), request.seed + b, start, len(chunk)))
+  return batches
+
+
+def conditioning(request):
+  """The size and image arguments of generate: height/width, init image and mask arrays.
+
+  Without --height/--width an init image sets the size (rounded down to multiples of 8);
+  without either the pipeline picks the model's native size.
+
+  Returns:
+    A dict with `height`, `width` (ints or None), `init_image` (float32 (H, W, 3) in [-1, 1]
+    or None) and `mask` (float32 (H, W, 1) in [0, 1] or None).
+  """
+  height, width, init_image, mask = request.height, request.width, None, None
+  if request.init_image:
+    native_h, native_w = outputs.image_size(request.init_image, 'init image')
+    height, width = height or native_h, width or native_w
+    init_image = outputs.load_image(request.init_image, height, width)
+    if request.mask:
+      mask = outputs.load_mask(request.mask, height, width)
+  return {'height': height, 'width': width, 'init_image': init_image, 'mask': mask}
+
+
+def strength(request):
+  """The img2img/inpainting strength: the request's, else diffusers' default for the mode."""
+  if request.strength is not None:
+    return request.strength
+  return 1.0 if request.mask else 0.8
+
+
+def generate_kwargs(request, batch, cond, progress=None):
+  """The keyword arguments of `StableDiffusion.generate` for one batch."""
+  n = len(batch.prompts)
+  kw = dict(negative_prompts=[request.negative_prompt] * n if request.negative_prompt else None,
+            steps=request.steps, sampler=request.sampler, guidance_scale=request.guidance,
+            seed=batch.seed, height=cond['height'], width=cond['width'], progress=progress)
+  if cond['init_image'] is not None:
+    kw.update(init_images=np.repeat(cond['init_image'][None], n, axis=0),
+              strength=strength(request))
+  if cond['mask'] is not None:
+    kw['masks'] = np.repeat(cond['mask'][None], n, axis=0)
+  return kw
+
+
+def records(request, batch, cond):
+  """One samples.jsonl record per kept image of `batch`."""
+  common = {'negative_prompt': request.negative_prompt, 'seed': batch.seed,
+            'sampler': request.sampler, 'steps': request.steps, 'guidance': request.guidance}
+  if cond['height'] is not None:
+    common['height'] = cond['height']
+  if cond['width'] is not None:
+    common['width'] = cond['width']
+  if request.init_image:
+    common.update(init_image=request.init_image, strength=strength(request))
+  if request.mask:
+    common['mask'] = request.mask
+  # (seed, index_in_call, batch_size) pins down an image's noise: one call draws it for all.
+  return [{'prompt': p, **common, 'index_in_call': k, 'batch_size': len(batch.prompts)}
+          for k, p in enumerate(batch.prompts[:batch.num_real])]
+
+
+def _duration(seconds):
+  """12s, 3m05s, 1h02m."""
+  seconds = int(math.ceil(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+def _step_counter(stream):
+  """A progress callback redrawing `step i/n` in place; None off a terminal (no host calls)."""
+  if not stream.isatty():
+    return None
+
+  def show(step, num_steps):  # the pipeline counts steps done, from 1
+    stream.write(f'\r  step {step}/{num_steps}')
+    stream.flush()
+  return show
+
+
+class _Throughput:
+  """Images/s and ETA; the first call is left out once others finish (it compiles)."""
+
+  def __init__(self, total):
+    self.total, self.done, self._t0 = total, 0, time.perf_counter()
+    self._after_first = None  # (time, images) when the first call finished
+
+  def update(self, n):
+    """Counts `n` more images; returns the progress line."""
+    now = time.perf_counter()
+    self.done += n
+    if self._after_first is None:
+      self._after_first = (now, self.done)
+      rate = self.done / max(now - self._t0, 1e-9)
+    else:
+      t1, n1 = self._after_first
+      rate = (self.done - n1) / max(now - t1, 1e-9)
+    eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+    return (f'{self.done}/{self.total} images, {rate:.2f} images/s, '
+            f'ETA {_duration(eta) if math.isfinite(eta) else "?"}')
+
+
+def run(sd, request, log=print):
+  """Generates every image of `request` with `sd` and writes them to `request.out_dir`.
+
+  Args:
+    sd: an object with StableDiffusion's `generate(prompts, *, ...) -> uint8 (N, H, W, 3)`.
+    request: a Request (call `validate` first).
+    log: where progress lines go.
+
+  Returns:
+    The samples.jsonl records written, one per image.
+  """
+  batches = plan_batches(request)
+  cond = conditioning(request)
+  total = sum(b.num_real for b in batches)
+  log(f'sampling {total} images in {len(batches)} calls of {len(batches[0].prompts)} '
+      f'({request.sampler}, {request.steps} steps, guidance {request.guidance}) '
+      f'into {request.out_dir}')
+  if os.path.exists(os.path.join(request.out_dir, outputs.SAMPLES_JSONL)):
+    log(f'{request.out_dir} holds an earlier run: its samples.jsonl and same-numbered PNGs are '
+        'replaced')
+  throughput, step_counter = _Throughput(total), _step_counter(sys.stdout)
+  written, grid_images = [], []
+  for b, batch in enumerate(batches):
+    images = np.asarray(sd.generate(list(batch.prompts),
+                                    **generate_kwargs(request, batch, cond, step_counter)))
+    if images.shape[0] != len(batch.prompts):
+      raise RuntimeError(f'generate returned {images.shape[0]} images for '
+                         f'{len(batch.prompts)} prompts')
+    images = images[:batch.num_real]
+    written += outputs.write_samples(request.out_dir, images, records(request, batch, cond),
+                                     start=batch.start, grid=False)
+    grid_images += list(images[:outputs.MAX_GRID_IMAGES - len(grid_images)])
+    if step_counter:
+      sys.stdout.write('\r' + ' ' * 24 + '\r')  # erase the step counter
+    log(f'call {b + 1}/{len(batches)} (seed {batch.seed}): {throughput.update(batch.num_real)}')
+  outputs.write_grid(request.out_dir, np.stack(grid_images))
+  log(f'wrote {total} PNGs, {outputs.GRID_PNG} and {outputs.SAMPLES_JSONL} to {request.out_dir}')
+  return written

@@ -1,0 +1,339 @@
+"""sample.py and its library: prompts, batches, seeds, output files and every kind of bad input.
+
+A fake pipeline stands in for ldm_jax.diffusion.pipeline, so nothing here compiles JAX code.
+"""
+
+import importlib
+import inspect
+import json
+import os
+import sys
+import types
+from unittest import mock
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from ldm_jax import convert
+from ldm_jax import sampling_cli
+import ldm_jax.diffusion
+from ldm_jax.diffusion import outputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLERS = ('ddpm', 'ddim', 'pndm', 'dpmpp_2m', 'dpmpp_2m_karras', 'euler', 'euler_a')
+NATIVE = 16  # the fake model's native size
+
+
+class FakeStableDiffusion:
+  """StableDiffusion's signature; image k of a call is (seed, k, len(prompt)) in every pixel."""
+
+  def __init__(self, components=None):
+    self.components = components
+    self.calls = []
+
+  def generate(self, prompts, *, negative_prompts=None, steps=50, sampler='ddim',
+               guidance_scale=7.5, seed=0, height=None, width=None, latents=None,
+               init_images=None, strength=None, masks=None, progress=None):
+    self.calls.append(dict(prompts=prompts, negative_prompts=negative_prompts, steps=steps,
+                           sampler=sampler, guidance_scale=guidance_scale, seed=seed,
+                           height=height, width=width, latents=latents,
+                           init_images=init_images, strength=strength, masks=masks))
+    for i in range(steps):
+      if progress:
+        progress(i + 1, steps)
+    images = np.zeros((len(prompts), height or NATIVE, width or NATIVE, 3), np.uint8)
+    images[..., 0] = seed
+    images[..., 1] = np.arange(len(prompts))[:, None, None]
+    images[..., 2] = np.array([len(p) for p in prompts])[:, None, None]
+    return images
+
+
+FAKE_PIPELINE = types.SimpleNamespace(SAMPLERS=SAMPLERS, StableDiffusion=FakeStableDiffusion)
+
+
+def _png(path, size=(40, 24), mode='RGB', color=(255, 0, 0)):
+  """Writes a solid image of (width, height) `size`; returns its path."""
+  Image.new(mode, size, color).save(path)
+  return str(path)
+
+
+def _run(tmp_path, **kw):
+  request = sampling_cli.Request(**{'prompts': ('a cat',), 'out_dir': str(tmp_path / 'out'),
+                                    **kw})
+  sampling_cli.validate(request, SAMPLERS)
+  sd = FakeStableDiffusion()
+  lines = []
+  recs = sampling_cli.run(sd, request, log=lines.append)
+  return sd, recs, lines, request.out_dir
+
+
+# outputs: grid, files, init images and masks.
+
+
+@pytest.mark.parametrize('n, cols, shape', [
+    (1, None, (8, 6, 3)), (4, None, (16, 12, 3)), (5, None, (16, 18, 3)), (3, 1, (24, 6, 3)),
+    (2, 5, (8, 12, 3))])
+def test_make_grid_shapes(n, cols, shape):
+  assert outputs.make_grid(np.ones((n, 8, 6, 3), np.uint8), cols).shape == shape
+
+
+def test_make_grid_places_images_row_major_and_pads_black():
+  images = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 3, 1), np.uint8)
+  grid = outputs.make_grid(images)[..., 0]  # 2 rows x 3 cols of 2x3 tiles
+  assert grid[::2, ::3].tolist() == [[1, 2, 3], [4, 5, 0]]
+
+
+def test_make_grid_rejects_no_images():
+  with pytest.raises(ValueError, match='non-empty'):
+    outputs.make_grid(np.zeros((0, 8, 8, 3), np.uint8))
+
+
+def test_write_samples_writes_pngs_jsonl_and_grid(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (3, 8, 16, 3), dtype=np.uint8)
+  recs = [{'prompt': f'p{i}', 'seed': i} for i in range(3)]
+  written = outputs.write_samples(str(tmp_path), images, recs)
+  assert [r['file'] for r in written] == ['000000.png', '000001.png', '000002.png']
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / '000002.png')), images[2])
+  assert outputs.read_records(str(tmp_path)) == written
+  assert np.asarray(Image.open(tmp_path / 'grid.png')).shape == (16, 32, 3)
+  outputs.write_samples(str(tmp_path), images[:1], [{'prompt': 'q', 'seed': 9}], start=3)
+  assert [r['file'] for r in outputs.read_records(str(tmp_path))][-1] == '000003.png'
+  assert len(outputs.read_records(str(tmp_path))) == 4
+
+
+def test_load_image_resizes_to_rgb_in_minus_one_one(tmp_path):
+  for mode, color in (('RGB', (255, 0, 0)), ('RGBA', (255, 0, 0, 0)), ('L', 255)):
+    image = outputs.load_image(_png(tmp_path / f'{mode}.png', mode=mode, color=color), 16, 32)
+    assert image.shape == (16, 32, 3) and image.dtype == np.float32
+    assert image.min() >= -1 and image.max() <= 1 and image[0, 0, 0] == 1
+
+
+def test_load_mask_is_single_channel_zero_one(tmp_path):
+  mask = outputs.load_mask(_png(tmp_path / 'm.png', color=(255, 255, 255)), 8, 24)
+  assert mask.shape == (8, 24, 1) and mask.dtype == np.float32
+  np.testing.assert_allclose(mask, 1.0)
+  assert outputs.load_mask(_png(tmp_path / 'k.png', mode='L', color=0), 8, 8).max() == 0
+
+
+def test_image_size_rounds_down_to_multiples_of_8(tmp_path):
+  assert outputs.image_size(_png(tmp_path / 'a.png', size=(45, 30))) == (24, 40)
+  with pytest.raises(ValueError, match='at least 8x8'):
+    outputs.image_size(_png(tmp_path / 'b.png', size=(7, 30)))
+
+
+def test_missing_or_unreadable_image_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope.png'):
+    outputs.load_image(str(tmp_path / 'nope.png'), 8, 8)
+  (tmp_path / 'text.png').write_text('not an image')
+  with pytest.raises(ValueError, match='text.png'):
+    outputs.load_mask(str(tmp_path / 'text.png'), 8, 8)
+
+
+# sampling_cli: prompts, batches, seeds, records.
+
+
+def test_read_prompts_joins_flags_and_file_skipping_blanks(tmp_path):
+  path = tmp_path / 'prompts.txt'
+  path.write_text('a dog\n\n  a red car  \n\n')
+  assert sampling_cli.read_prompts(['a cat'], str(path)) == ['a cat', 'a dog', 'a red car']
+  assert sampling_cli.read_prompts([], None) == []
+  with pytest.raises(ValueError, match='missing.txt'):
+    sampling_cli.read_prompts([], str(tmp_path / 'missing.txt'))
+
+
+def test_plan_batches_expands_prompts_seeds_calls_and_pads_the_last():
+  request = sampling_cli.Request(prompts=('a', 'b'), num_images=3, batch_size=4, seed=10)
+  batches = sampling_cli.plan_batches(request)
+  assert [b.prompts for b in batches] == [('a', 'a', 'a', 'b'), ('b', 'b', 'b', 'b')]
+  assert [(b.seed, b.start, b.num_real) for b in batches] == [(10, 0, 4), (11, 4, 2)]
+
+
+def test_plan_batches_never_calls_bigger_than_needed():
+  batches = sampling_cli.plan_batches(sampling_cli.Request(prompts=('a',), batch_size=8))
+  assert [(b.prompts, b.num_real) for b in batches] == [(('a',), 1)]
+
+
+def test_run_writes_every_image_with_the_seed_that_made_it(tmp_path):
+  sd, recs, lines, out = _run(tmp_path, prompts=('a cat', 'a dog!'), num_images=3, batch_size=2,
+                              seed=5, steps=7, sampler='euler_a', guidance=3.0,
+                              negative_prompt='blurry')
+  assert [c['seed'] for c in sd.calls] == [5, 6, 7]
+  assert all(c['steps'] == 7 and c['sampler'] == 'euler_a' and c['guidance_scale'] == 3.0
+             and c['negative_prompts'] == ['blurry', 'blurry'] and c['init_images'] is None
+             for c in sd.calls)
+  assert outputs.read_records(out) == recs
+  assert [(r['file'], r['prompt'], r['seed'], r['index_in_call']) for r in recs] == [
+      ('000000.png', 'a cat', 5, 0), ('000001.png', 'a cat', 5, 1), ('000002.png', 'a cat', 6, 0),
+      ('000003.png', 'a dog!', 6, 1), ('000004.png', 'a dog!', 7, 0),
+      ('000005.png', 'a dog!', 7, 1)]
+  assert recs[0] == {'file': '000000.png', 'prompt': 'a cat', 'negative_prompt': 'blurry',
+                     'seed': 5, 'sampler': 'euler_a', 'steps': 7, 'guidance': 3.0,
+                     'index_in_call': 0, 'batch_size': 2}
+  for r in recs:  # the fake paints (seed, index in call, len(prompt)): each file is its record's
+    pixel = np.asarray(Image.open(os.path.join(out, r['file'])))[0, 0]
+    assert pixel.tolist() == [r['seed'], r['index_in_call'], len(r['prompt'])]
+  assert np.asarray(Image.open(os.path.join(out, 'grid.png'))).shape == (2 * NATIVE, 3 * NATIVE, 3)
+  assert len(lines) == 5 and '6/6 images' in lines[-2] and 'images/s, ETA' in lines[-2]
+
+
+def test_run_drops_the_padding_of_the_last_call(tmp_path):
+  sd, recs, _, out = _run(tmp_path, num_images=3, batch_size=2)
+  assert [len(c['prompts']) for c in sd.calls] == [2, 2]
+  assert len(recs) == 3 and not os.path.exists(os.path.join(out, '000003.png'))
+  assert recs[-1]['batch_size'] == 2
+
+
+def test_run_passes_and_records_size_only_when_given(tmp_path):
+  sd, recs, _, _ = _run(tmp_path)
+  assert sd.calls[0]['height'] is None and 'height' not in recs[0] and 'strength' not in recs[0]
+  sd, recs, _, _ = _run(tmp_path, height=24, width=40)
+  assert (sd.calls[0]['height'], sd.calls[0]['width']) == (24, 40)
+  assert (recs[0]['height'], recs[0]['width']) == (24, 40)
+
+
+def test_run_img2img_and_inpainting(tmp_path):
+  init = _png(tmp_path / 'init.png', size=(45, 30))
+  mask = _png(tmp_path / 'mask.png', size=(10, 10), mode='L', color=255)
+  sd, recs, _, _ = _run(tmp_path, init_image=init)
+  assert sd.calls[0]['strength'] == 0.8 and recs[0]['strength'] == 0.8  # img2img's default
+  sd, recs, _, _ = _run(tmp_path, init_image=init, strength=0.5, num_images=2, batch_size=2)
+  call = sd.calls[0]
+  assert (call['height'], call['width'], call['strength']) == (24, 40, 0.5)  # the image's size
+  assert call['init_images'].shape == (2, 24, 40, 3) and call['masks'] is None
+  assert recs[0]['init_image'] == init and recs[0]['strength'] == 0.5 and recs[0]['height'] == 24
+  sd, recs, _, _ = _run(tmp_path, init_image=init, mask=mask, height=16, width=16)
+  assert sd.calls[0]['init_images'].shape == (1, 16, 16, 3) and sd.calls[0]['strength'] == 1.0
+  assert sd.calls[0]['masks'].shape == (1, 16, 16, 1) and sd.calls[0]['masks'].min() == 1
+  assert recs[0]['mask'] == mask
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(sampler='plms'), "unknown sampler 'plms': choose one of ddpm, ddim, pndm, dpmpp_2m, "
+                           'dpmpp_2m_karras, euler, euler_a'),
+    (dict(height=100), '--height 100 is not a positive multiple of 8 .* try 96'),
+    (dict(width=0), '--width 0 is not a positive multiple of 8'),
+    (dict(prompts=()), 'no prompts: pass --prompt'),
+    (dict(mask='m.png'), '--mask needs --init_image'),
+    (dict(init_image='missing.png'), "--init_image 'missing.png' does not exist"),
+    (dict(init_image='README.md', mask='missing.png'), "--mask 'missing.png' does not exist"),
+    (dict(init_image='README.md', strength=0.0), r'--strength 0.0 is outside \(0, 1\]'),
+    (dict(strength=1.5), r'--strength 1.5 is outside \(0, 1\]'),
+    (dict(steps=0), '--steps is 0; it must be at least 1'),
+    (dict(num_images=0), '--num_images is 0'),
+    (dict(batch_size=-1), '--batch_size is -1'),
+], ids=lambda x: None if isinstance(x, dict) else x.split(' ')[0])
+def test_validate_rejects_bad_input_with_the_fix(kw, message, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  request = sampling_cli.Request(**{'prompts': ('a cat',), **kw})
+  with pytest.raises(ValueError, match=message):
+    sampling_cli.validate(request, SAMPLERS)
+
+
+def test_validate_lists_every_problem_at_once():
+  request = sampling_cli.Request(prompts=('a',), sampler='x', height=30, mask='m.png')
+  with pytest.raises(ValueError) as info:
+    sampling_cli.validate(request, SAMPLERS)
+  assert str(info.value).count('\n  ') == 4  # sampler, height, mask without init, mask missing
+
+
+def test_resolve_model(tmp_path):
+  config = ml_collections.ConfigDict({'init': str(tmp_path), 'model': {
+      'dtype': 'bfloat16', 'param_dtype': 'float32'}})
+  assert sampling_cli.resolve_model(config=config) == sampling_cli.ModelSource(
+      str(tmp_path), 'bfloat16', 'float32')
+  assert sampling_cli.resolve_model(init=str(tmp_path), dtype='float16') == (
+      sampling_cli.ModelSource(str(tmp_path), 'float16', 'float16'))
+  with pytest.raises(ValueError, match='arrives with the training issue'):
+    sampling_cli.resolve_model(init=str(tmp_path), workdir='/ckpt')
+  with pytest.raises(ValueError, match='nothing to sample from'):
+    sampling_cli.resolve_model(config=ml_collections.ConfigDict({'init': ''}))
+  with pytest.raises(ValueError, match="'/no/such' does not exist"):
+    sampling_cli.resolve_model(init='/no/such')
+
+
+def test_the_real_pipeline_takes_our_arguments():
+  pipeline = pytest.importorskip('ldm_jax.diffusion.pipeline')
+  request = sampling_cli.Request(prompts=('a',), negative_prompt='b', init_image='i', mask='m')
+  cond = {'height': 8, 'width': 8, 'init_image': np.zeros((8, 8, 3)), 'mask': np.ones((8, 8, 1))}
+  batch = sampling_cli.plan_batches(request)[0]
+  used = set(sampling_cli.generate_kwargs(request, batch, cond, progress=print))
+  assert used <= set(inspect.signature(pipeline.StableDiffusion.generate).parameters)
+  assert tuple(pipeline.SAMPLERS) == SAMPLERS
+
+
+def test_duration():
+  assert [sampling_cli._duration(s) for s in (0.2, 59, 61, 3725)] == ['1s', '59s', '1m01s',
+                                                                       '1h02m']
+
+
+# sample.py end to end, flags in, files out.
+
+
+@pytest.fixture
+def sample(monkeypatch):
+  """sample.py with the fake pipeline (installed before import: the real one may not exist)."""
+  monkeypatch.syspath_prepend(ROOT)
+  monkeypatch.setitem(sys.modules, 'ldm_jax.diffusion.pipeline', FAKE_PIPELINE)
+  monkeypatch.setattr(ldm_jax.diffusion, 'pipeline', FAKE_PIPELINE, raising=False)
+  module = importlib.import_module('sample')
+  monkeypatch.setattr(module, 'pipeline', FAKE_PIPELINE)
+  loaded = []
+  monkeypatch.setattr(convert, 'load_diffusers', lambda path, **kw: loaded.append((path, kw)))
+  module.loaded = loaded
+  return module
+
+
+def _main(sample, *args):
+  argv = ['sample.py', *args]
+  # config_flags reads its --config.* overrides from sys.argv.
+  with flagsaver.flagsaver(), mock.patch.object(sys, 'argv', argv):
+    sample.main(flags.FLAGS(argv))
+
+
+def test_sample_main_writes_samples(sample, tmp_path, capsys):
+  out = tmp_path / 'out'
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a dog\n\na bird\n')
+  _main(sample, f'--init={tmp_path}', '--prompt=a cat', f'--prompts_file={prompts}',
+        '--num_images=2', '--batch_size=3', '--steps=4', '--sampler=dpmpp_2m', '--seed=1',
+        f'--out={out}', '--dtype=bfloat16')
+  assert sample.loaded[0][0] == str(tmp_path)
+  assert str(sample.loaded[0][1]['dtype']) == 'bfloat16'
+  recs = outputs.read_records(str(out))
+  assert [r['prompt'] for r in recs] == ['a cat', 'a cat', 'a dog', 'a dog', 'a bird', 'a bird']
+  assert [r['seed'] for r in recs] == [1, 1, 1, 2, 2, 2]
+  assert sorted(os.listdir(out)) == [f'{i:06d}.png' for i in range(6)] + ['grid.png',
+                                                                           'samples.jsonl']
+  assert 'call 2/2 (seed 2): 6/6 images' in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # config_flags' loader
+def test_sample_main_reads_init_from_config(sample, tmp_path):
+  _main(sample, f'--config={ROOT}/configs/tiny.py', f'--config.init={tmp_path}', '--prompt=x',
+        f'--out={tmp_path / "out"}')
+  assert sample.loaded[0][0] == str(tmp_path)
+  assert json.loads((tmp_path / 'out' / 'samples.jsonl').read_text())['sampler'] == 'ddim'
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--workdir=/ckpt', '--prompt=x'], 'arrives with the training issue'),
+    (['--prompt=x'], 'nothing to sample from'),
+    (['--init={tmp}'], 'no prompts'),
+    (['--init={tmp}', '--prompt=x', '--sampler=lms'], "unknown sampler 'lms': choose one of"),
+    (['--init={tmp}', '--prompt=x', '--height=513'], 'try 512'),
+    (['--init={tmp}', '--prompt=x', '--mask=m.png'], '--mask needs --init_image'),
+    (['--init={tmp}', '--prompt=x', '--init_image=nope.png'], "'nope.png' does not exist"),
+    (['--init={tmp}', '--prompt=x', '--strength=2'], r'outside \(0, 1\]'),
+    (['--init={tmp}', '--prompt', 'a', 'b'], 'unexpected arguments'),
+], ids=['workdir', 'no_model', 'no_prompts', 'sampler', 'size', 'mask', 'init_image', 'strength',
+        'unquoted'])
+def test_sample_main_bad_input_is_a_usage_error(sample, tmp_path, args, message):
+  args = [a.format(tmp=tmp_path) for a in args]
+  with pytest.raises(app.UsageError, match=message):
+    _main(sample, *args, f'--out={tmp_path / "out"}')
+  assert not sample.loaded  # rejected before any weights load

@@ -1,0 +1,111 @@
+"""tensorflow-datasets builders (array_record, no TensorFlow needed): shapes and image folders.
+
+  build_shapes(data_dir, image_size=32, num_train=2000) -> 'shapes/s32_n2000_h200_seed0'
+  build_folder(src, data_dir) -> 'image_folder/<folder name>'
+
+The returned name is what `sources.data_source(name, split, data_dir)` and the training config's
+`data.name` take.
+"""
+
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ldm_jax.data import folder as folder_lib
+from ldm_jax.data import shapes as shapes_lib
+
+
+class ShapesConfig(tfds.core.BuilderConfig):
+  """Size and seed of a shapes build; the config name records them."""
+
+  def __init__(self, *, image_size=32, num_train=2000, num_holdout=200, seed=0):
+    super().__init__(name=f's{image_size}_n{num_train}_h{num_holdout}_seed{seed}',
+                     version=tfds.core.Version('1.0.0'),
+                     description=f'{image_size}px shapes, seed {seed}')
+    self.image_size, self.num_train, self.num_holdout, self.seed = (
+        image_size, num_train, num_holdout, seed)
+
+
+class Shapes(tfds.core.GeneratorBasedBuilder):
+  """Coloured shapes with captions; `holdout` has colour/shape pairs that `train` lacks."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [ShapesConfig()]
+
+  def _info(self):
+    s = self.builder_config.image_size
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+        'caption': tfds.features.Text(),
+        'colour': tfds.features.Text(),  # of the first object
+        'shape': tfds.features.Text(),
+        'background': tfds.features.Text(),
+        'num_shapes': tfds.features.Scalar(dtype=np.int32),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    return {'train': self._generate_examples('train', c.num_train),
+            'holdout': self._generate_examples('holdout', c.num_holdout)}
+
+  def _generate_examples(self, split, n):
+    c = self.builder_config
+    for i in range(n):
+      ex = shapes_lib.make_example(split, i, c.image_size, c.seed)
+      yield i, {'image': ex.image, 'caption': ex.caption, 'colour': ex.shapes[0].colour,
+                'shape': ex.shapes[0].shape, 'background': ex.background,
+                'num_shapes': len(ex.shapes)}
+
+
+class FolderConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, src, keep_empty_captions=False):
+    name = re.sub(r'[^a-z0-9_]+', '_', os.path.basename(os.path.normpath(src)).lower()) or 'images'
+    super().__init__(name=name, version=tfds.core.Version('1.0.0'), description=f'images of {src}')
+    self.src, self.keep_empty_captions = src, keep_empty_captions
+
+
+class ImageFolder(tfds.core.GeneratorBasedBuilder):
+  """A folder of captioned images; images are stored as file bytes and decoded by the loader."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = []
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Tensor(shape=(), dtype=np.object_),  # the encoded file
+        'caption': tfds.features.Text(),
+        'file_name': tfds.features.Text(),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    self.scan_stats = None
+    pairs, self.scan_stats = folder_lib.scan(c.src, c.keep_empty_captions)
+    return {'train': self._generate_examples(pairs)}
+
+  def _generate_examples(self, pairs):
+    src = self.builder_config.src
+    for name, text in pairs:
+      with open(os.path.join(src, name), 'rb') as f:
+        yield name, {'image': f.read(), 'caption': text, 'file_name': name}
+
+
+def build_shapes(data_dir, image_size=32, num_train=2000, num_holdout=200, seed=0):
+  """Builds (or reuses) a shapes dataset; returns its name for `sources.data_source`."""
+  config = ShapesConfig(image_size=image_size, num_train=num_train, num_holdout=num_holdout,
+                        seed=seed)
+  builder = Shapes(config=config, data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  return f'shapes/{config.name}'
+
+
+def build_folder(src, data_dir, keep_empty_captions=False):
+  """Builds a dataset from a folder of captioned images; returns (name, scan summary)."""
+  config = FolderConfig(src=src, keep_empty_captions=keep_empty_captions)
+  builder = ImageFolder(config=config, data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  stats = getattr(builder, 'scan_stats', None)
+  return f'image_folder/{config.name}', stats.summary() if stats else 'already built'

@@ -1,0 +1,208 @@
+"""The training input pipeline: tfds data source -> grain -> batches of images and token ids.
+
+Per record (in worker processes when `worker_count > 0`): decode, EXIF-orient, RGB, resize the
+shorter side, center or random crop, random flip, scale to [-1, 1], caption dropout, tokenize to
+`max_length` with truncation. In the main process: count what was skipped or truncated, drop bad
+records, batch. Records are sharded by host before a deterministic per-epoch shuffle; the
+iterator's state (grain's plus our counters) checkpoints and restores exactly.
+"""
+
+import dataclasses
+import io
+import json
+import logging
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from ldm_jax.data import sources
+
+OK, BAD_IMAGE, TOO_SMALL, EMPTY_CAPTION = range(4)
+_STATUS_NAMES = ('ok', 'skipped_bad_image', 'skipped_too_small', 'skipped_empty_caption')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  """What to read and how (the training config's `data` group)."""
+  name: str  # as `sources.data_source` takes it
+  data_dir: str
+  split: str = 'train'
+  image_key: str = 'image'  # record keys, for datasets prepared by others (coco_captions, ...)
+  caption_key: str = 'caption'
+  resolution: int = 32
+  crop: str = 'center'  # 'center' or 'random'
+  flip: bool = False  # random horizontal flip
+  caption_dropout: float = 0.0  # probability of the empty caption (classifier-free guidance)
+  batch_size: int = 8  # global: each of N hosts reads batch_size / N
+  seed: int = 0
+  num_epochs: int | None = None  # None: repeat forever
+  shuffle: bool = True
+  worker_count: int = 0  # grain worker processes (0: decode in the main process)
+  min_image_size: int = 0  # skip images whose shorter side is smaller (0: upsample them)
+  skip_empty_captions: bool = False  # else they train the unconditional model
+  max_length: int = 77  # tokens, the text encoder's context
+  precomputed: bool = False  # records hold VAE moments and text-encoder states
+
+  @classmethod
+  def from_config(cls, data_config, **overrides):
+    """From an ml_collections `data` group; unknown keys are an error listing the valid ones."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    raw = dict(data_config)
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+      raise ValueError(f'unknown data config keys {unknown}; valid keys: {sorted(fields)}')
+    return cls(**(raw | overrides))
+
+
+def decode_image(value):
+  """An image record value (encoded bytes or an HWC uint8 array) as an RGB PIL image.
+
+  Raises:
+    OSError / ValueError: the bytes are not a complete image Pillow can read.
+  """
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    return Image.fromarray(value)
+  img = Image.open(io.BytesIO(bytes(value)))
+  img.load()  # decode now: a truncated file raises here, not later
+  img = ImageOps.exif_transpose(img)
+  if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+    rgba = img.convert('RGBA')
+    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert('RGB')
+  return img.convert('RGB')  # L, P, CMYK, I;16, ...
+
+
+def resize_crop(img, resolution, crop, rng):
+  """Resizes the shorter side to `resolution` and crops a square (center or random)."""
+  w, h = img.size
+  if min(w, h) != resolution:
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                     Image.Resampling.BILINEAR)
+    w, h = img.size
+  if crop == 'random':
+    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+  else:
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+  return img.crop((left, top, left + resolution, top + resolution))
+
+
+class ProcessRecord:
+  """The per-record transform (picklable, so grain workers can run it)."""
+
+  def __init__(self, config, tokenizer):
+    self.config, self.tokenizer = config, tokenizer
+
+  def __call__(self, record, rng):
+    c = self.config
+    drop = bool(rng.random() < c.caption_dropout)
+    if c.precomputed:
+      return {'moments': record['moments'], 'context': record['context'], 'drop': drop,
+              'status': OK, 'truncated': False}
+    caption = record[c.caption_key]
+    caption = caption.decode('utf-8', 'replace') if isinstance(caption, bytes) else str(caption)
+    out = {'image': np.zeros((c.resolution, c.resolution, 3), np.float32),
+           'input_ids': np.zeros((c.max_length,), np.int32), 'drop': drop, 'status': OK,
+           'truncated': False}
+    if c.skip_empty_captions and not caption.strip():
+      return out | {'status': EMPTY_CAPTION}
+    try:
+      img = decode_image(record[c.image_key])
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+      return out | {'status': BAD_IMAGE}
+    if min(img.size) < c.min_image_size:
+      return out | {'status': TOO_SMALL}
+    img = resize_crop(img, c.resolution, c.crop, rng)
+    if c.flip and rng.random() < 0.5:
+      img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    ids, truncated = _tokenize(self.tokenizer, '' if drop else caption, c.max_length)
+    image = np.asarray(img, np.float32) / 127.5 - 1.0
+    return out | {'image': image, 'input_ids': ids, 'truncated': truncated,
+                  'caption_len': len(caption)}
+
+
+def _tokenize(tokenizer, text, max_length):
+  full = tokenizer(text, truncation=False).input_ids
+  ids = tokenizer(text, padding='max_length', max_length=max_length, truncation=True).input_ids
+  return np.asarray(ids, np.int32), len(full) > max_length
+
+
+class _Counter:
+  """Main-process filter: counts every record's fate, keeps the good ones."""
+
+  def __init__(self):
+    self.stats = {name: 0 for name in _STATUS_NAMES} | {'truncated_captions': 0,
+                                                       'dropped_captions': 0}
+
+  def __call__(self, record):
+    status = int(record['status'])
+    self.stats[_STATUS_NAMES[status]] += 1
+    if status == OK:
+      self.stats['truncated_captions'] += int(record['truncated'])
+      self.stats['dropped_captions'] += int(record['drop'])
+      if record['truncated'] and self.stats['truncated_captions'] <= 5:
+        logging.warning('a caption is longer than the text encoder\'s context and was truncated '
+                        '(%d so far; counted in the loader stats)', self.stats['truncated_captions'])
+    return status == OK
+
+
+class Loader:
+  """Batches for this host, forever (or `num_epochs`), with a checkpointable position.
+
+  `next(loader)` is a dict of numpy arrays: 'image' (b, R, R, 3) float32 in [-1, 1] and
+  'input_ids' (b, max_length) int32, or 'moments' and 'context' when precomputed, plus 'drop'
+  (b,) bool (the caption was dropped). b = batch_size / process_count.
+  """
+
+  def __init__(self, config, tokenizer=None, process_index=None, process_count=None):
+    self.config = config
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if config.batch_size % count:
+      raise ValueError(f'global batch {config.batch_size} is not divisible by {count} hosts')
+    if tokenizer is None and not config.precomputed:
+      raise ValueError('a tokenizer is needed to tokenize captions')
+    source = sources.data_source(config.name, config.split, config.data_dir)
+    ds = grain.MapDataset.source(source)[index::count]  # this host's records, disjoint
+    self.num_records = len(ds)
+    ds = ds.seed(config.seed)
+    if config.shuffle:
+      ds = ds.shuffle()  # reshuffled each epoch by repeat()
+    ds = ds.repeat(config.num_epochs).random_map(ProcessRecord(config, tokenizer))
+    it = ds.to_iter_dataset()
+    if config.worker_count > 0:
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    self._counter = _Counter()
+    it = it.filter(self._counter).batch(config.batch_size // count, drop_remainder=True)
+    self._iterator = iter(it)
+
+  @property
+  def stats(self):
+    return dict(self._counter.stats)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    for key in ('status', 'truncated', 'caption_len'):
+      batch.pop(key, None)
+    return batch
+
+  def get_state(self):
+    """A JSON-serialisable position: grain's iterator state and our counters."""
+    return {'grain': json.loads(_to_json(self._iterator.get_state())), 'stats': self.stats}
+
+  def set_state(self, state):
+    self._iterator.set_state(state['grain'])
+    self._counter.stats = dict(state['stats'])
+
+
+def _to_json(state):
+  return json.dumps(state, default=lambda b: b.decode() if isinstance(b, bytes) else str(b))

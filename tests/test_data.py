@@ -1,0 +1,271 @@
+"""Data: the shapes and folder builders, the grain loader (resume, host sharding, bad records)."""
+
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_jax.data import builders
+from ldm_jax.data import pipeline
+from ldm_jax.data import shapes
+from ldm_jax.data import sources
+from ldm_jax.evaluation import shapes as shapes_eval
+
+
+class CharTokenizer:
+  """A stand-in tokenizer (transformers call convention): one id per character, BOS/EOS/pad."""
+
+  def __call__(self, text, padding=None, max_length=None, truncation=False):
+    ids = [1] + [3 + (ord(ch) % 500) for ch in text] + [2]
+    if truncation:
+      ids = ids[:max_length - 1] + [2] if len(ids) > max_length else ids
+    if padding == 'max_length':
+      ids = ids + [0] * (max_length - len(ids))
+    return type('Encoding', (), {'input_ids': ids})()
+
+
+TOKENIZER = CharTokenizer()
+
+
+@pytest.fixture(scope='module')
+def shapes_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  return data_dir, builders.build_shapes(data_dir, image_size=32, num_train=240, num_holdout=40)
+
+
+def _config(name, data_dir, **kw):
+  return pipeline.LoaderConfig(name=name, data_dir=data_dir, **({'batch_size': 4} | kw))
+
+
+def test_shapes_build_is_deterministic(shapes_dir, tmp_path):
+  data_dir, name = shapes_dir
+  builders.build_shapes(str(tmp_path), image_size=32, num_train=240, num_holdout=40)
+  files = lambda d: sorted(glob.glob(os.path.join(d, name, '1.0.0', '*.array_record*')))
+  ours, again = files(data_dir), files(str(tmp_path))
+  assert len(ours) >= 2 and [os.path.basename(f) for f in ours] == [os.path.basename(f) for f in again]
+  for a, b in zip(ours, again):
+    assert open(a, 'rb').read() == open(b, 'rb').read()
+
+
+@pytest.mark.parametrize('split', ['train', 'holdout'])
+def test_shapes_captions_match_pixels(shapes_dir, split):
+  data_dir, name = shapes_dir
+  src = sources.data_source(name, split, data_dir)
+  checked = 0
+  for record in src:
+    colour, shape = record['colour'].decode(), record['shape'].decode()
+    caption = record['caption'].decode()
+    assert colour in caption and shape in caption
+    assert shapes.is_holdout(colour, shape) == (split == 'holdout')
+    if record['num_shapes'] == 1:
+      assert shapes_eval.read_image(record['image']) == (colour, shape), caption
+      checked += 1
+  assert checked >= 30
+
+
+def test_loader_resumes_exactly(shapes_dir):
+  data_dir, name = shapes_dir
+  config = _config(name, data_dir, crop='random', flip=True, caption_dropout=0.2, seed=3)
+  uninterrupted = pipeline.Loader(config, TOKENIZER)
+  expected = [next(uninterrupted) for _ in range(70)]  # past the end of an epoch (60 batches)
+  interrupted = pipeline.Loader(config, TOKENIZER)
+  for _ in range(25):
+    next(interrupted)
+  state = json.loads(json.dumps(interrupted.get_state()))  # as a checkpoint stores it
+  resumed = pipeline.Loader(config, TOKENIZER)
+  resumed.set_state(state)
+  for want in expected[25:]:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert resumed.stats == uninterrupted.stats
+
+
+def test_epochs_reshuffle_and_flip(shapes_dir):
+  data_dir, name = shapes_dir
+  loader = pipeline.Loader(_config(name, data_dir, batch_size=240, num_epochs=2), TOKENIZER)
+  first, second = next(loader), next(loader)
+  assert not np.array_equal(first['input_ids'], second['input_ids'])  # reshuffled
+  key = lambda b: sorted(r.tobytes() for r in b['input_ids'])
+  assert key(first) == key(second)  # same records
+  with pytest.raises(StopIteration):
+    next(loader)
+
+
+def test_caption_dropout_rate(shapes_dir):
+  data_dir, name = shapes_dir
+  loader = pipeline.Loader(_config(name, data_dir, batch_size=240, caption_dropout=0.3),
+                           TOKENIZER)
+  batches = [next(loader) for _ in range(5)]
+  drop = np.concatenate([b['drop'] for b in batches])
+  ids = np.concatenate([b['input_ids'] for b in batches])
+  assert abs(drop.mean() - 0.3) < 0.04  # 1200 draws: 4 standard deviations is 0.053
+  empty = TOKENIZER('', padding='max_length', max_length=77, truncation=True).input_ids
+  assert (ids[drop] == np.array(empty)).all() and not (ids[~drop] == np.array(empty)).all(1).any()
+
+
+def _noise_png(rng, size=(24, 20)):
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(buf, 'PNG')
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('hosts', [1, 2, 4])
+def test_host_sharding_partitions_records(tmp_path, hosts):
+  rng = np.random.default_rng(0)
+  src = tmp_path / 'imgs'
+  src.mkdir()
+  for i in range(22):
+    (src / f'{i}.png').write_bytes(_noise_png(rng))
+    (src / f'{i}.txt').write_text(f'image {i}')
+  name, _ = builders.build_folder(str(src), str(tmp_path / 'tfds'))
+  seen = []
+  for index in range(hosts):
+    config = _config(name, str(tmp_path / 'tfds'), batch_size=hosts, num_epochs=1, resolution=16)
+    loader = pipeline.Loader(config, TOKENIZER, process_index=index, process_count=hosts)
+    seen += [row.tobytes() for batch in loader for row in batch['input_ids']]
+  assert len(seen) == len(set(seen)) == 22
+
+
+def _save(img, path, **kw):
+  img.save(path, **kw)
+
+
+def test_folder_builder_reads_conventions_and_modes(tmp_path):
+  red = Image.new('RGB', (40, 30), (255, 0, 0))
+  cases = tmp_path / 'cases'
+  for convention in ('jsonl', 'csv', 'sidecar'):
+    d = cases / convention
+    d.mkdir(parents=True)
+    _save(red.convert('L'), d / 'gray.png')
+    rgba = Image.new('RGBA', (40, 30), (0, 0, 255, 0))  # fully transparent: white after compositing
+    _save(rgba, d / 'rgba.png')
+    _save(red.convert('P'), d / 'palette.gif')
+    _save(red.convert('CMYK'), d / 'cmyk.jpg')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    _save(red, d / 'rotated.jpg', exif=exif.tobytes())
+    names = ['gray.png', 'rgba.png', 'palette.gif', 'cmyk.jpg', 'rotated.jpg']
+    if convention == 'jsonl':
+      (d / 'metadata.jsonl').write_text(
+          '\n'.join(json.dumps({'file_name': n, 'text': f'a {n}'}) for n in names))
+    elif convention == 'csv':
+      (d / 'metadata.csv').write_text('file_name,text\n' + ''.join(f'{n},"a {n}"\n' for n in names))
+    else:
+      for n in names:
+        (d / (os.path.splitext(n)[0] + '.txt')).write_text(f'a {n}')
+    name, summary = builders.build_folder(str(d), str(tmp_path / 'tfds'))
+    assert summary.startswith('5 images with captions')
+    records = {r['file_name'].decode(): r for r in sources.data_source(name, 'train', str(tmp_path / 'tfds'))}
+    assert set(records) == set(names)
+    assert records['gray.png']['caption'] == b'a gray.png'
+    decoded = {n: np.asarray(pipeline.decode_image(records[n]['image'])) for n in names}
+    assert all(img.ndim == 3 and img.shape[2] == 3 for img in decoded.values())
+    assert decoded['rotated.jpg'].shape[:2] == (40, 30)  # EXIF orientation applied
+    assert (decoded['rgba.png'] == 255).all()
+    assert decoded['palette.gif'][0, 0].tolist() == [255, 0, 0]
+    assert decoded['cmyk.jpg'][0, 0, 0] > 200 and decoded['cmyk.jpg'][0, 0, 1] < 60
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+  rng = np.random.default_rng(1)
+  src = tmp_path / 'messy'
+  src.mkdir()
+  for i in range(6):
+    (src / f'good{i}.png').write_bytes(_noise_png(rng, (40, 40)))
+    (src / f'good{i}.txt').write_text(f'good {i}')
+  (src / 'truncated.png').write_bytes(_noise_png(rng, (40, 40))[:100])
+  (src / 'truncated.txt').write_text('cut short')
+  (src / 'notimage.png').write_bytes(b'this is not an image')
+  (src / 'notimage.txt').write_text('text')
+  (src / 'tiny.png').write_bytes(_noise_png(rng, (4, 4)))
+  (src / 'tiny.txt').write_text('too small')
+  (src / 'latin1.png').write_bytes(_noise_png(rng, (40, 40)))
+  (src / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
+  (src / 'empty.png').write_bytes(_noise_png(rng, (40, 40)))
+  (src / 'empty.txt').write_text('  ')
+  (src / 'nocaption.png').write_bytes(_noise_png(rng, (40, 40)))
+  name, summary = builders.build_folder(str(src), str(tmp_path / 'tfds'))
+  assert '9 images with captions' in summary
+  assert 'no caption: nocaption.png' in summary and 'empty caption: empty.png' in summary
+  assert 'not utf8: latin1.txt' in summary
+  config = _config(name, str(tmp_path / 'tfds'), batch_size=1, num_epochs=1, resolution=16,
+                   min_image_size=8)
+  loader = pipeline.Loader(config, TOKENIZER)
+  assert len(list(loader)) == 6
+  stats = loader.stats
+  assert (stats['ok'], stats['skipped_bad_image'], stats['skipped_too_small']) == (6, 2, 1)
+
+
+def test_long_captions_are_truncated_and_counted(tmp_path):
+  src = tmp_path / 'long'
+  src.mkdir()
+  (src / 'a.png').write_bytes(_noise_png(np.random.default_rng(2), (20, 20)))
+  (src / 'a.txt').write_text('word ' * 40)
+  name, _ = builders.build_folder(str(src), str(tmp_path / 'tfds'))
+  loader = pipeline.Loader(_config(name, str(tmp_path / 'tfds'), batch_size=1, num_epochs=1,
+                                   resolution=16), TOKENIZER)
+  (batch,) = list(loader)
+  assert batch['input_ids'].shape == (1, 77) and batch['input_ids'][0, -1] == 2
+  assert loader.stats['truncated_captions'] == 1
+
+
+def test_clear_errors(shapes_dir, tmp_path):
+  data_dir, name = shapes_dir
+  with pytest.raises(FileNotFoundError, match='python -m ldm_jax.data build shapes'):
+    sources.data_source('shapes/nothing_here', 'train', str(tmp_path))
+  with pytest.raises(ValueError, match=r"no split 'test'; it has \['train', 'holdout'\]"):
+    sources.data_source(name, 'test', data_dir)
+  with pytest.raises(ValueError, match=r"unknown data config keys \['resolutoin'\]"):
+    pipeline.LoaderConfig.from_config({'name': name, 'data_dir': data_dir, 'resolutoin': 32})
+  with pytest.raises(ValueError, match='global batch 6 is not divisible by 4 hosts'):
+    pipeline.Loader(_config(name, data_dir, batch_size=6), TOKENIZER, 0, 4)
+
+
+def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ldm_jax.data import precompute  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models import build, text_encoder, vae  # pylint: disable=g-import-not-at-top
+  data_dir, name = shapes_dir
+  nets = [vae.AutoencoderKL(vae.VAEConfig.tiny()),
+          text_encoder.CLIPTextModel(text_encoder.TextEncoderConfig.tiny())]
+  (vae_net, vae_params), (te_net, te_params) = [(m, build.random_params(m, 0)) for m in nets]
+  config = _config(name, data_dir, split='holdout')
+  pre_name, stats = precompute.precompute(config, TOKENIZER, (vae_net, vae_params),
+                                          (te_net, te_params), str(tmp_path), 'holdout32',
+                                          batch_size=16)
+  assert stats['ok'] == 40
+  pre = pipeline.Loader(_config(pre_name, str(tmp_path), split='holdout', precomputed=True,
+                                shuffle=False, batch_size=8), None)
+  raw = pipeline.Loader(_config(name, data_dir, split='holdout', shuffle=False, batch_size=8),
+                        TOKENIZER)
+  got, want = next(pre), next(raw)
+  assert got['moments'].shape == (8, 16, 16, 8) and got['context'].shape == (8, 77, 32)
+  mean, logvar = vae_net.apply({'params': vae_params}, want['image'], method='encode')
+  context = te_net.apply({'params': te_params}, want['input_ids']).last_hidden_state
+  np.testing.assert_allclose(got['moments'], np.concatenate([mean, logvar], -1), atol=1e-5)
+  np.testing.assert_allclose(got['context'], context, atol=1e-5)
+  del jax
+
+
+def test_worker_processes_give_the_same_batches(shapes_dir):
+  data_dir, name = shapes_dir
+  config = _config(name, data_dir, crop='random', flip=True, caption_dropout=0.2)
+  single = pipeline.Loader(config, TOKENIZER)
+  workers = pipeline.Loader(pipeline.dataclasses.replace(config, worker_count=2), TOKENIZER)
+  for _ in range(5):
+    a, b = next(single), next(workers)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_build_command(tmp_path, capsys):
+  from ldm_jax.data import __main__ as cli  # pylint: disable=g-import-not-at-top
+  cli.main(['build', 'shapes', '--data_dir', str(tmp_path), '--image_size', '16',
+            '--num_train', '10', '--num_holdout', '5'])
+  assert 'built shapes/s16_n10_h5_seed0' in capsys.readouterr().out
+  assert len(sources.data_source('shapes/s16_n10_h5_seed0', 'train', str(tmp_path))) == 10

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
 from ldm_jax.data import shapes
@@ -16,19 +17,12 @@ from ldm_jax.data import sources
 from ldm_jax.evaluation import shapes as shapes_eval
 
 
-class CharTokenizer:
-  """A stand-in tokenizer (transformers call convention): one id per character, BOS/EOS/pad."""
-
-  def __call__(self, text, padding=None, max_length=None, truncation=False):
-    ids = [1] + [3 + (ord(ch) % 500) for ch in text] + [2]
-    if truncation:
-      ids = ids[:max_length - 1] + [2] if len(ids) > max_length else ids
-    if padding == 'max_length':
-      ids = ids + [0] * (max_length - len(ids))
-    return type('Encoding', (), {'input_ids': ids})()
-
-
-TOKENIZER = CharTokenizer()
+@pytest.fixture(scope='module')
+def tok(tmp_path_factory):
+  """A CLIP-format tokenizer over the shapes vocabulary (other words split into characters)."""
+  words = list(shapes.COLOURS) + list(shapes.SHAPES) + ['a', 'on', 'background', 'image', 'word']
+  folder = tokenizer_lib.build_caption_tokenizer([' '.join(words)], tmp_path_factory.mktemp('tok'))
+  return tokenizer_lib.load_tokenizer(folder)
 
 
 @pytest.fixture(scope='module')
@@ -67,16 +61,16 @@ def test_shapes_captions_match_pixels(shapes_dir, split):
   assert checked >= 30
 
 
-def test_loader_resumes_exactly(shapes_dir):
+def test_loader_resumes_exactly(shapes_dir, tok):
   data_dir, name = shapes_dir
   config = _config(name, data_dir, crop='random', flip=True, caption_dropout=0.2, seed=3)
-  uninterrupted = pipeline.Loader(config, TOKENIZER)
+  uninterrupted = pipeline.Loader(config, tok)
   expected = [next(uninterrupted) for _ in range(70)]  # past the end of an epoch (60 batches)
-  interrupted = pipeline.Loader(config, TOKENIZER)
+  interrupted = pipeline.Loader(config, tok)
   for _ in range(25):
     next(interrupted)
   state = json.loads(json.dumps(interrupted.get_state()))  # as a checkpoint stores it
-  resumed = pipeline.Loader(config, TOKENIZER)
+  resumed = pipeline.Loader(config, tok)
   resumed.set_state(state)
   for want in expected[25:]:
     got = next(resumed)
@@ -85,9 +79,9 @@ def test_loader_resumes_exactly(shapes_dir):
   assert resumed.stats == uninterrupted.stats
 
 
-def test_epochs_reshuffle_and_flip(shapes_dir):
+def test_epochs_reshuffle_and_flip(shapes_dir, tok):
   data_dir, name = shapes_dir
-  loader = pipeline.Loader(_config(name, data_dir, batch_size=240, num_epochs=2), TOKENIZER)
+  loader = pipeline.Loader(_config(name, data_dir, batch_size=240, num_epochs=2), tok)
   first, second = next(loader), next(loader)
   assert not np.array_equal(first['input_ids'], second['input_ids'])  # reshuffled
   key = lambda b: sorted(r.tobytes() for r in b['input_ids'])
@@ -96,16 +90,16 @@ def test_epochs_reshuffle_and_flip(shapes_dir):
     next(loader)
 
 
-def test_caption_dropout_rate(shapes_dir):
+def test_caption_dropout_rate(shapes_dir, tok):
   data_dir, name = shapes_dir
   loader = pipeline.Loader(_config(name, data_dir, batch_size=240, caption_dropout=0.3),
-                           TOKENIZER)
+                           tok)
   batches = [next(loader) for _ in range(5)]
   drop = np.concatenate([b['drop'] for b in batches])
   ids = np.concatenate([b['input_ids'] for b in batches])
   assert abs(drop.mean() - 0.3) < 0.04  # 1200 draws: 4 standard deviations is 0.053
-  empty = TOKENIZER('', padding='max_length', max_length=77, truncation=True).input_ids
-  assert (ids[drop] == np.array(empty)).all() and not (ids[~drop] == np.array(empty)).all(1).any()
+  empty = tokenizer_lib.tokenize(tok, '')[0][0]
+  assert (ids[drop] == empty).all() and not (ids[~drop] == empty).all(1).any()
 
 
 def _noise_png(rng, size=(24, 20)):
@@ -115,7 +109,7 @@ def _noise_png(rng, size=(24, 20)):
 
 
 @pytest.mark.parametrize('hosts', [1, 2, 4])
-def test_host_sharding_partitions_records(tmp_path, hosts):
+def test_host_sharding_partitions_records(tmp_path, hosts, tok):
   rng = np.random.default_rng(0)
   src = tmp_path / 'imgs'
   src.mkdir()
@@ -126,7 +120,7 @@ def test_host_sharding_partitions_records(tmp_path, hosts):
   seen = []
   for index in range(hosts):
     config = _config(name, str(tmp_path / 'tfds'), batch_size=hosts, num_epochs=1, resolution=16)
-    loader = pipeline.Loader(config, TOKENIZER, process_index=index, process_count=hosts)
+    loader = pipeline.Loader(config, tok, process_index=index, process_count=hosts)
     seen += [row.tobytes() for batch in loader for row in batch['input_ids']]
   assert len(seen) == len(set(seen)) == 22
 
@@ -171,7 +165,7 @@ def test_folder_builder_reads_conventions_and_modes(tmp_path):
     assert decoded['cmyk.jpg'][0, 0, 0] > 200 and decoded['cmyk.jpg'][0, 0, 1] < 60
 
 
-def test_bad_records_are_skipped_and_counted(tmp_path):
+def test_bad_records_are_skipped_and_counted(tmp_path, tok):
   rng = np.random.default_rng(1)
   src = tmp_path / 'messy'
   src.mkdir()
@@ -195,26 +189,26 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
   assert 'not utf8: latin1.txt' in summary
   config = _config(name, str(tmp_path / 'tfds'), batch_size=1, num_epochs=1, resolution=16,
                    min_image_size=8)
-  loader = pipeline.Loader(config, TOKENIZER)
+  loader = pipeline.Loader(config, tok)
   assert len(list(loader)) == 6
   stats = loader.stats
   assert (stats['ok'], stats['skipped_bad_image'], stats['skipped_too_small']) == (6, 2, 1)
 
 
-def test_long_captions_are_truncated_and_counted(tmp_path):
+def test_long_captions_are_truncated_and_counted(tmp_path, tok):
   src = tmp_path / 'long'
   src.mkdir()
   (src / 'a.png').write_bytes(_noise_png(np.random.default_rng(2), (20, 20)))
-  (src / 'a.txt').write_text('word ' * 40)
+  (src / 'a.txt').write_text('word ' * 100)
   name, _ = builders.build_folder(str(src), str(tmp_path / 'tfds'))
   loader = pipeline.Loader(_config(name, str(tmp_path / 'tfds'), batch_size=1, num_epochs=1,
-                                   resolution=16), TOKENIZER)
+                                   resolution=16), tok)
   (batch,) = list(loader)
-  assert batch['input_ids'].shape == (1, 77) and batch['input_ids'][0, -1] == 2
+  assert batch['input_ids'].shape == (1, 77) and batch['input_ids'][0, -1] == tok.eos_token_id
   assert loader.stats['truncated_captions'] == 1
 
 
-def test_clear_errors(shapes_dir, tmp_path):
+def test_clear_errors(shapes_dir, tmp_path, tok):
   data_dir, name = shapes_dir
   with pytest.raises(FileNotFoundError, match='python -m ldm_jax.data build shapes'):
     sources.data_source('shapes/nothing_here', 'train', str(tmp_path))
@@ -223,10 +217,10 @@ def test_clear_errors(shapes_dir, tmp_path):
   with pytest.raises(ValueError, match=r"unknown data config keys \['resolutoin'\]"):
     pipeline.LoaderConfig.from_config({'name': name, 'data_dir': data_dir, 'resolutoin': 32})
   with pytest.raises(ValueError, match='global batch 6 is not divisible by 4 hosts'):
-    pipeline.Loader(_config(name, data_dir, batch_size=6), TOKENIZER, 0, 4)
+    pipeline.Loader(_config(name, data_dir, batch_size=6), tok, 0, 4)
 
 
-def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path):
+def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path, tok):
   import jax  # pylint: disable=g-import-not-at-top
   from ldm_jax.data import precompute  # pylint: disable=g-import-not-at-top
   from ldm_jax.models import build, text_encoder, vae  # pylint: disable=g-import-not-at-top
@@ -235,14 +229,14 @@ def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path):
           text_encoder.CLIPTextModel(text_encoder.TextEncoderConfig.tiny())]
   (vae_net, vae_params), (te_net, te_params) = [(m, build.random_params(m, 0)) for m in nets]
   config = _config(name, data_dir, split='holdout')
-  pre_name, stats = precompute.precompute(config, TOKENIZER, (vae_net, vae_params),
+  pre_name, stats = precompute.precompute(config, tok, (vae_net, vae_params),
                                           (te_net, te_params), str(tmp_path), 'holdout32',
                                           batch_size=16)
   assert stats['ok'] == 40
   pre = pipeline.Loader(_config(pre_name, str(tmp_path), split='holdout', precomputed=True,
                                 shuffle=False, batch_size=8), None)
   raw = pipeline.Loader(_config(name, data_dir, split='holdout', shuffle=False, batch_size=8),
-                        TOKENIZER)
+                        tok)
   got, want = next(pre), next(raw)
   assert got['moments'].shape == (8, 16, 16, 8) and got['context'].shape == (8, 77, 32)
   mean, logvar = vae_net.apply({'params': vae_params}, want['image'], method='encode')
@@ -252,11 +246,11 @@ def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path):
   del jax
 
 
-def test_worker_processes_give_the_same_batches(shapes_dir):
+def test_worker_processes_give_the_same_batches(shapes_dir, tok):
   data_dir, name = shapes_dir
   config = _config(name, data_dir, crop='random', flip=True, caption_dropout=0.2)
-  single = pipeline.Loader(config, TOKENIZER)
-  workers = pipeline.Loader(pipeline.dataclasses.replace(config, worker_count=2), TOKENIZER)
+  single = pipeline.Loader(config, tok)
+  workers = pipeline.Loader(pipeline.dataclasses.replace(config, worker_count=2), tok)
   for _ in range(5):
     a, b = next(single), next(workers)
     for key in a:
@@ -269,3 +263,30 @@ def test_build_command(tmp_path, capsys):
             '--num_train', '10', '--num_holdout', '5'])
   assert 'built shapes/s16_n10_h5_seed0' in capsys.readouterr().out
   assert len(sources.data_source('shapes/s16_n10_h5_seed0', 'train', str(tmp_path))) == 10
+
+
+class ToyCaptions(builders.tfds.core.GeneratorBasedBuilder):
+  """A tfds dataset prepared by someone else, with its own key names (as coco_captions has)."""
+  VERSION = builders.tfds.core.Version('1.0.0')
+
+  def _info(self):
+    features = builders.tfds.features
+    return builders.tfds.core.DatasetInfo(builder=self, features=features.FeaturesDict({
+        'photo': features.Tensor(shape=(12, 12, 3), dtype=np.uint8),
+        'description': features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(8):
+      yield i, {'photo': np.full((12, 12, 3), 20 * i, np.uint8), 'description': f'gray {i}'}
+
+
+def test_any_tfds_dataset_by_name_with_key_mapping(tmp_path, tok):
+  ToyCaptions(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  config = _config('toy_captions', str(tmp_path), image_key='photo', caption_key='description',
+                   resolution=8, batch_size=8, shuffle=False)
+  batch = next(pipeline.Loader(config, tok))
+  assert batch['image'].shape == (8, 8, 8, 3)
+  assert sorted(np.round((batch['image'][:, 0, 0, 0] + 1) * 127.5)) == [20 * i for i in range(8)]

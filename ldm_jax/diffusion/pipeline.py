@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.diffusion import samplers
 from ldm_jax.models import layers
 
@@ -57,16 +58,10 @@ class StableDiffusion:
 
   def tokenize(self, texts):
     """(N, max_length) int32 ids, padded and truncated as diffusers does (with a warning)."""
-    ids = self.tokenizer(list(texts), padding='max_length', max_length=self.max_length,
-                         truncation=True, return_tensors='np').input_ids
-    full = self.tokenizer(list(texts), padding='longest', return_tensors='np').input_ids
-    if full.shape[1] > self.max_length:
-      for text, row in zip(texts, full):
-        dropped = self.tokenizer.decode(row[self.max_length - 1:], skip_special_tokens=True)
-        if dropped.strip():
-          logging.warning('prompt truncated to %d tokens; dropped: %r (prompt: %r)',
-                          self.max_length, dropped, text[:80])
-    return ids.astype(np.int32)
+    ids, truncated = tokenizer_lib.tokenize(self.tokenizer, list(texts), self.max_length)
+    for text in np.asarray(list(texts), object)[truncated]:
+      logging.warning('prompt longer than %d tokens, truncated: %r', self.max_length, text[:200])
+    return ids
 
   def generate(self, prompts, *, negative_prompts=None, steps=50, sampler='ddim',
                guidance_scale=7.5, seed=0, height=None, width=None, latents=None,

@@ -1,0 +1,123 @@
+"""Converts Stable Diffusion weights between formats: diffusers, single file, Orbax (no torch).
+
+    python -m ldm_jax.convert --src v1-5-pruned-emaonly.safetensors --to diffusers --out sd15/ \
+        --tokenizer sd15-tokenizer/
+    python -m ldm_jax.convert --src sd15/ --to single_file --out sd15.safetensors
+    python -m ldm_jax.convert --src sd15.ckpt --to orbax --out sd15_orbax/
+
+The source format is detected: a file is a single-file checkpoint (.safetensors or .ckpt, read
+without torch), a folder with model_index.json a diffusers pipeline, a folder with
+ldm_jax_orbax.json our Orbax layout (see `orbax_io`). `single_file` output also writes the
+original LDM YAML beside the file (OUT with a .yaml suffix). A summary of what was converted is
+printed: parameter counts per network, dtypes, and for single files the detected model type.
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.convert import diffusers as diffusers_lib
+from ldm_jax.convert import orbax_io
+from ldm_jax.convert import single_file
+from ldm_jax.convert import tables
+from ldm_jax.models import build
+
+FORMATS = ('diffusers', 'single_file', 'orbax')
+_FILE_DTYPES = {'float32': np.float32, 'float16': np.float16, 'bfloat16': jnp.bfloat16}
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m ldm_jax.convert', description=__doc__.split('\n')[0])
+  p.add_argument('--src', required=True, help='single file, diffusers folder or Orbax folder')
+  p.add_argument('--to', required=True, choices=FORMATS)
+  p.add_argument('--out', required=True, help='output folder (or .safetensors file)')
+  p.add_argument('--config', help='single file only: a diffusers folder describing the model')
+  p.add_argument('--original_config', help='single file only: the original LDM YAML')
+  p.add_argument('--no_ema', action='store_true', help='single file: the raw, not EMA, weights')
+  p.add_argument('--prediction_type', choices=('epsilon', 'v_prediction', 'sample'))
+  p.add_argument('--image_size', type=int, help='single file: the native image size in pixels')
+  p.add_argument('--scaling_factor', type=float, help='single file: the VAE latent scale')
+  p.add_argument('--tokenizer', help='a tokenizer folder (a single file has none)')
+  p.add_argument('--dtype', default='float32', choices=tuple(_FILE_DTYPES),
+                 help='storage dtype of a written single file')
+  return p.parse_args(argv)
+
+
+def load_source(args):
+  """Components from --src, with its format detected, and the summary lines about the source."""
+  src = args.src
+  if os.path.isfile(src):
+    components, report = single_file.load(
+        src, config=args.config, config_yaml=args.original_config, use_ema=not args.no_ema,
+        prediction_type=args.prediction_type, image_size=args.image_size,
+        scaling_factor=args.scaling_factor, tokenizer=args.tokenizer)
+    return components, report.lines()
+  if os.path.isfile(os.path.join(src, 'model_index.json')):
+    components, kind = diffusers_lib.load_diffusers(src), 'diffusers folder'
+  elif orbax_io.is_orbax_folder(src):
+    components, kind = orbax_io.load_orbax(src), 'ldm_jax Orbax folder'
+  else:
+    raise diffusers_lib.ConversionError(
+        f'{src} is neither a single file, a diffusers folder (model_index.json) nor an ldm_jax '
+        f'Orbax folder ({orbax_io.INDEX})')
+  if args.tokenizer:
+    components = components.replace(tokenizer=diffusers_lib.load_tokenizer(args.tokenizer))
+  if args.prediction_type:
+    components = components.replace(scheduler_config=dict(
+        components.scheduler_config, prediction_type=args.prediction_type))
+  return components, [f'{src}: {kind}']
+
+
+def write(components, args):
+  """Writes the components in the --to format; returns the paths written."""
+  if args.to == 'diffusers':
+    diffusers_lib.save_diffusers(components, args.out)
+    return [args.out]
+  if args.to == 'orbax':
+    orbax_io.save_orbax(components, args.out)
+    return [args.out]
+  yaml_path = os.path.splitext(args.out)[0] + '.yaml'
+  single_file.save_single_file(components, args.out, dtype=_FILE_DTYPES[args.dtype],
+                               config_yaml=yaml_path)
+  return [args.out, yaml_path]
+
+
+def summary(components):
+  """One line per network: class, parameter count, tensors, dtypes; then the sampling settings."""
+  lines = []
+  for name in ('unet', 'vae', 'text_encoder'):
+    module, params = getattr(components, name)
+    leaves = jax.tree.leaves(params)
+    dtypes = '/'.join(sorted({str(jnp.dtype(x.dtype)) for x in leaves}))
+    millions = build.count_params(params) / 1e6
+    lines.append(f'  {name:13s} {type(module).__name__:22s} {millions:9.2f}M params '
+                 f'({len(leaves)} tensors, {dtypes})')
+  sched = components.scheduler_config
+  lines.append(f'  scheduler     {sched.get("_class_name", "?")}, prediction '
+               f'{sched.get("prediction_type", "epsilon")}; VAE scaling factor '
+               f'{components.vae[0].config.scaling_factor}; tokenizer '
+               f'{"yes" if components.tokenizer is not None else "none"}')
+  return lines
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    components, source_lines = load_source(args)
+    written = write(components, args)
+  except (diffusers_lib.ConversionError, tables.WeightsMismatchError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print('\n'.join(source_lines + ['converted:'] + summary(components)))
+  print(f'wrote {args.to}: {", ".join(written)}')
+  if components.tokenizer is None and args.to != 'single_file':
+    print('note: no tokenizer was written; pass --tokenizer DIR to include one')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,332 @@
+"""The original CompVis/Stability single-file key layout <-> diffusers keys (SD 1.x/2.x).
+
+Every function here is a pure transform of `{key: numpy array}` dicts. Module prefixes are
+renamed through explicit tables (`unet_table`, `vae_table`, ...), longest prefix first; the few
+leaves that change layout are named: the VAE's 1x1 attention convs (squeezed to linear and back),
+OpenCLIP's fused `in_proj` (split into q/k/v and joined), its `text_projection` (transposed) and
+its last resblock (dropped: SD 2.x conditions on the penultimate layer).
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from ldm_jax.convert import diffusers as diffusers_lib
+
+UNET_PREFIX = 'model.diffusion_model.'
+VAE_PREFIXES = ('first_stage_model.', 'vae.')
+CLIP_PREFIX = 'cond_stage_model.transformer.'
+OPENCLIP_PREFIX = 'cond_stage_model.model.'
+EMA_PREFIX = 'model_ema.'
+_CONV_IN = UNET_PREFIX + 'input_blocks.0.0.weight'
+# Checkpoint entries that are no network parameter: LatentDiffusion's noise-schedule buffers,
+# the EMA bookkeeping, CLIP's position ids, OpenCLIP's contrastive temperature.
+_BUFFERS = re.compile(
+    r'^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod'
+    r'|(sqrt|log)_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights'
+    r'|model_ema\.(decay|num_updates)|.*position_ids'
+    r'|cond_stage_model\.model\.(logit_scale|attn_mask))$')
+
+_RESNET = (('in_layers.0', 'norm1'), ('in_layers.2', 'conv1'), ('emb_layers.1', 'time_emb_proj'),
+           ('out_layers.0', 'norm2'), ('out_layers.3', 'conv2'),
+           ('skip_connection', 'conv_shortcut'))
+_VAE_RESNET = (('nin_shortcut', 'conv_shortcut'),)
+_VAE_ATTENTION = (('norm', 'group_norm'), ('q', 'to_q'), ('k', 'to_k'), ('v', 'to_v'),
+                  ('proj_out', 'to_out.0'))
+_OPENCLIP_LAYER = (('ln_1', 'layer_norm1'), ('ln_2', 'layer_norm2'), ('mlp.c_fc', 'mlp.fc1'),
+                   ('mlp.c_proj', 'mlp.fc2'), ('attn.out_proj', 'self_attn.out_proj'))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelType:
+  """What a single file holds: the SD generation, inpainting or not, and its text encoder."""
+  family: str  # 'sd1' or 'sd2'
+  inpainting: bool
+  text_encoder: str  # 'clip' (OpenAI CLIP-L) or 'openclip' (OpenCLIP-H, SD 2.x)
+
+  def __str__(self):
+    name = {'sd1': 'SD 1.x', 'sd2': 'SD 2.x'}[self.family]
+    return f'{name}{" inpainting" if self.inpainting else ""} ({self.text_encoder} text encoder)'
+
+
+def detect_model_type(state):
+  """Tells SD 1.x, 2.x and their inpainting variants apart by their keys; refuses anything else.
+
+  Raises:
+    diffusers.ConversionError: naming what the file looks like instead.
+  """
+  if any(k.startswith('conditioner.embedders.') for k in state):
+    raise diffusers_lib.ConversionError(
+        'this is an SDXL-style checkpoint (conditioner.embedders.*): ldm_jax reads Stable '
+        'Diffusion 1.x/2.x single files only')
+  if _CONV_IN not in state:
+    prefixes = sorted({k.split('.')[0] for k in state})[:8]
+    raise diffusers_lib.ConversionError(
+        f'unknown model type: no Stable Diffusion U-Net ({_CONV_IN}) among {len(state)} tensors '
+        f'(top-level names: {", ".join(prefixes) or "none"}); expected an SD 1.x/2.x single file')
+  in_channels = state[_CONV_IN].shape[1]
+  if in_channels not in (4, 9):
+    raise diffusers_lib.ConversionError(
+        f'unknown model type: the U-Net takes {in_channels} input channels; ldm_jax reads '
+        'text-to-image (4) and inpainting (9) models, not depth, upscaling or pix2pix variants')
+  if any(k.startswith(OPENCLIP_PREFIX) for k in state):
+    text = 'openclip'
+  elif any(k.startswith(CLIP_PREFIX) for k in state):
+    text = 'clip'
+  else:
+    raise diffusers_lib.ConversionError(
+        f'the file has no text encoder ({CLIP_PREFIX}* or {OPENCLIP_PREFIX}*): a Stable Diffusion '
+        'single file holds all three networks')
+  if not any(k.startswith(VAE_PREFIXES) for k in state):
+    raise diffusers_lib.ConversionError(f'the file has no VAE ({VAE_PREFIXES[0]}*)')
+  return ModelType('sd2' if text == 'openclip' else 'sd1', in_channels == 9, text)
+
+
+def ema_key(key):
+  """'model.diffusion_model.out.0.weight' -> 'model_ema.diffusion_modelout0weight' (LitEma)."""
+  return EMA_PREFIX + key[len('model.'):].replace('.', '')
+
+
+def select_ema(state, use_ema=True):
+  """Puts the EMA U-Net weights in place of the raw ones (if asked and present); drops model_ema.*.
+
+  Returns:
+    (state, status) with status 'used', 'not used' (present, use_ema=False) or 'absent'.
+
+  Raises:
+    diffusers.ConversionError: some but not all U-Net weights have an EMA copy.
+  """
+  unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
+  with_ema = [k for k in unet_keys if ema_key(k) in state]
+  out = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+  if not with_ema:
+    return out, 'absent'
+  if not use_ema:
+    return out, 'not used'
+  if len(with_ema) != len(unet_keys):
+    missing = sorted(set(unet_keys) - set(with_ema))
+    raise diffusers_lib.ConversionError(
+        f'{len(missing)} of {len(unet_keys)} U-Net weights have no EMA copy (e.g. '
+        f'{ema_key(missing[0])}); load with use_ema=False for the raw weights')
+  out.update({k: state[ema_key(k)] for k in unet_keys})
+  return out, 'used'
+
+
+def split(state):
+  """{key: array} -> ({'unet'|'vae'|'clip'|'openclip': {unprefixed key: array}}, ignored keys)."""
+  vae_prefix = next(p for p in VAE_PREFIXES if any(k.startswith(p) for k in state))
+  prefixes = {'unet': UNET_PREFIX, 'vae': vae_prefix, 'clip': CLIP_PREFIX,
+              'openclip': OPENCLIP_PREFIX}
+  parts, ignored = {name: {} for name in prefixes}, []
+  for key, value in state.items():
+    name = next((n for n, p in prefixes.items() if key.startswith(p)), None)
+    if name is None or _BUFFERS.match(key):
+      ignored.append(key)
+    else:
+      parts[name][key[len(prefixes[name]):]] = value
+  return parts, ignored
+
+
+def _translate(state, table, keep_unmatched=True):
+  """Renames keys by their longest module prefix in `table` ({old: (new, inner renames)}).
+
+  Unmatched keys are kept under their own name (so that loading reports them as unexpected), or
+  with `keep_unmatched=False` are an error (a network this layout cannot hold).
+  """
+  out, unmatched = {}, []
+  for key, value in state.items():
+    parts = key.split('.')
+    for n in range(len(parts) - 1, 0, -1):
+      old = '.'.join(parts[:n])
+      if old in table:
+        new, inner = table[old]
+        rest = '.'.join(parts[n:])
+        for a, b in inner:
+          if rest.startswith(a + '.'):
+            rest = b + rest[len(a):]
+            break
+        out[f'{new}.{rest}'] = value
+        break
+    else:
+      unmatched.append(key)
+      out[key] = value
+  if unmatched and not keep_unmatched:
+    raise diffusers_lib.ConversionError(
+        f'{len(unmatched)} parameters have no place in the single-file layout, e.g. '
+        f'{unmatched[:3]}')
+  return out
+
+
+def _invert(table):
+  return {new: (old, tuple((b, a) for a, b in inner)) for old, (new, inner) in table.items()}
+
+
+def unet_layers_per_block(ldm_unet):
+  """Resnets per level, read off where the downsamplers (`input_blocks.i.0.op`) sit."""
+  inputs = {int(k.split('.')[1]) for k in ldm_unet if k.startswith('input_blocks.')}
+  ops = sorted({int(k.split('.')[1]) for k in ldm_unet
+                if re.match(r'input_blocks\.\d+\.0\.op\.', k)})
+  bounds = [0] + ops + [max(inputs, default=0) + 1]
+  return tuple(b - a - 1 for a, b in zip(bounds, bounds[1:]))
+
+
+def unet_table(layers_per_block, up_attention=None):
+  """LDM U-Net module prefixes -> diffusers ones.
+
+  Args:
+    layers_per_block: resnets per down level.
+    up_attention: per diffusers up block, whether it has attention (which decides if the upsampler
+      is output_blocks.i.1 or .2); None maps both, for reading.
+  """
+  n = len(layers_per_block)
+  plain = {'time_embed.0': 'time_embedding.linear_1', 'time_embed.2': 'time_embedding.linear_2',
+           'input_blocks.0.0': 'conv_in', 'out.0': 'conv_norm_out', 'out.2': 'conv_out',
+           'middle_block.1': 'mid_block.attentions.0'}
+  resnets = {'middle_block.0': 'mid_block.resnets.0', 'middle_block.2': 'mid_block.resnets.1'}
+  i = 1
+  for b, layers in enumerate(layers_per_block):
+    for j in range(layers):
+      resnets[f'input_blocks.{i}.0'] = f'down_blocks.{b}.resnets.{j}'
+      plain[f'input_blocks.{i}.1'] = f'down_blocks.{b}.attentions.{j}'
+      i += 1
+    if b < n - 1:
+      plain[f'input_blocks.{i}.0.op'] = f'down_blocks.{b}.downsamplers.0.conv'
+      i += 1
+  i = 0
+  for b in range(n):
+    for j in range(layers_per_block[n - 1 - b] + 1):
+      resnets[f'output_blocks.{i}.0'] = f'up_blocks.{b}.resnets.{j}'
+      plain[f'output_blocks.{i}.1'] = f'up_blocks.{b}.attentions.{j}'
+      i += 1
+    if b < n - 1:
+      slots = (1, 2) if up_attention is None else ((2,) if up_attention[b] else (1,))
+      plain.update({f'output_blocks.{i - 1}.{s}.conv': f'up_blocks.{b}.upsamplers.0.conv'
+                    for s in slots})
+  return {k: (v, ()) for k, v in plain.items()} | {k: (v, _RESNET) for k, v in resnets.items()}
+
+
+def unet_to_diffusers(ldm_unet):
+  """The U-Net's LDM keys (prefix removed) -> diffusers keys."""
+  return _translate(ldm_unet, unet_table(unet_layers_per_block(ldm_unet)))
+
+
+def unet_from_diffusers(state, config):
+  """diffusers U-Net keys -> LDM keys (without prefix), for a `UNetConfig`."""
+  up_attention = [t == 'CrossAttnUpBlock2D' for t in config.up_block_types]
+  table = _invert(unet_table(config.layers_per_block, up_attention))
+  return _translate(state, table, keep_unmatched=False)
+
+
+def vae_table(levels, layers_per_block):
+  """LDM VAE module prefixes -> diffusers ones; the decoder's `up.i` run in reverse."""
+  table = {k: (k, ()) for k in ('quant_conv', 'post_quant_conv')}
+  for part in ('encoder', 'decoder'):
+    table.update({f'{part}.{k}': (f'{part}.{k}', ()) for k in ('conv_in', 'conv_out')})
+    table[f'{part}.norm_out'] = (f'{part}.conv_norm_out', ())
+    table[f'{part}.mid.block_1'] = (f'{part}.mid_block.resnets.0', _VAE_RESNET)
+    table[f'{part}.mid.block_2'] = (f'{part}.mid_block.resnets.1', _VAE_RESNET)
+    table[f'{part}.mid.attn_1'] = (f'{part}.mid_block.attentions.0', _VAE_ATTENTION)
+  for i in range(levels):
+    up = levels - 1 - i
+    table[f'encoder.down.{i}.downsample.conv'] = (f'encoder.down_blocks.{i}.downsamplers.0.conv',
+                                                  ())
+    table[f'decoder.up.{up}.upsample.conv'] = (f'decoder.up_blocks.{i}.upsamplers.0.conv', ())
+    for j in range(layers_per_block + 1):
+      if j < layers_per_block:
+        table[f'encoder.down.{i}.block.{j}'] = (f'encoder.down_blocks.{i}.resnets.{j}', _VAE_RESNET)
+      table[f'decoder.up.{up}.block.{j}'] = (f'decoder.up_blocks.{i}.resnets.{j}', _VAE_RESNET)
+  return table
+
+
+def _vae_attention_weight(key):
+  return re.search(r'mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$', key)
+
+
+def vae_to_diffusers(ldm_vae):
+  """The VAE's LDM keys (prefix removed) -> diffusers keys, 1x1 attention convs squeezed."""
+  levels = len({k.split('.')[2] for k in ldm_vae if k.startswith('encoder.down.')})
+  layers = len({k.split('.')[4] for k in ldm_vae if k.startswith('encoder.down.0.block.')})
+  out = _translate(ldm_vae, vae_table(levels, layers))
+  return {k: v[:, :, 0, 0] if _vae_attention_weight(k) and v.ndim == 4 else v
+          for k, v in out.items()}
+
+
+def vae_from_diffusers(state, config):
+  """diffusers VAE keys -> LDM keys (without prefix), attention weights as 1x1 convs again."""
+  table = _invert(vae_table(len(config.block_out_channels), config.layers_per_block))
+  state = {k: v[:, :, None, None] if _vae_attention_weight(k) else v for k, v in state.items()}
+  return _translate(state, table, keep_unmatched=False)
+
+
+def clip_to_diffusers(ldm_clip):
+  """CLIP-L (`cond_stage_model.transformer.` removed) -> transformers keys with `text_model.`."""
+  return {k if k.startswith(('text_model.', 'text_projection')) else 'text_model.' + k: v
+          for k, v in ldm_clip.items()}
+
+
+def clip_from_diffusers(state):
+  return {(k if k.startswith('text_projection') else 'text_model.' + k): v
+          for k, v in state.items()}
+
+
+def openclip_to_diffusers(ldm, with_projection=False):
+  """OpenCLIP (`cond_stage_model.model.` removed) -> transformers CLIP keys, penultimate layer.
+
+  The fused attention input projection is split into q/k/v; the last resblock is dropped (SD 2.x
+  conditions on the penultimate layer); `text_projection` (width, proj), used as x @ P, becomes
+  a (proj, width) linear weight, kept only `with_projection`.
+  """
+  last = max((int(k.split('.')[2]) for k in ldm if k.startswith('transformer.resblocks.')),
+             default=-1)
+  table = {f'transformer.resblocks.{i}': (f'text_model.encoder.layers.{i}', _OPENCLIP_LAYER)
+           for i in range(last)}
+  table |= {'token_embedding': ('text_model.embeddings.token_embedding', ()),
+            'ln_final': ('text_model.final_layer_norm', ())}
+  rest, out = {}, {}
+  for key, value in ldm.items():
+    if key.startswith(f'transformer.resblocks.{last}.'):
+      continue
+    m = re.match(r'transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$', key)
+    if m:
+      for name, part in zip('qkv', np.split(value, 3, axis=0)):
+        out[f'text_model.encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}'] = part
+    elif key == 'positional_embedding':
+      out['text_model.embeddings.position_embedding.weight'] = value
+    elif key == 'text_projection':
+      if with_projection:
+        out['text_projection.weight'] = np.ascontiguousarray(value.T)
+    else:
+      rest[key] = value
+  return out | _translate(rest, table)
+
+
+def openclip_from_diffusers(state, num_layers):
+  """transformers CLIP keys (no `text_model.`) -> OpenCLIP, plus an identity last resblock.
+
+  The file gets one resblock more than the encoder runs, all zeros: SD 2.x readers (ours,
+  diffusers, the original repository) skip the last resblock, and a zero block is the identity.
+  """
+  table = _invert({f'transformer.resblocks.{i}': (f'encoder.layers.{i}', _OPENCLIP_LAYER)
+                   for i in range(num_layers)})
+  table |= {'embeddings.token_embedding': ('token_embedding', ()),
+            'final_layer_norm': ('ln_final', ())}
+  out, rest = {}, {}
+  for key, value in state.items():
+    m = re.match(r'encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$', key)
+    if m:
+      qkv = [state[key.replace('.q_proj.', f'.{n}_proj.')] for n in 'qkv']
+      out[f'transformer.resblocks.{m[1]}.attn.in_proj_{m[2]}'] = np.concatenate(qkv, axis=0)
+    elif re.search(r'self_attn\.[kv]_proj\.', key):
+      continue
+    elif key == 'embeddings.position_embedding.weight':
+      out['positional_embedding'] = value
+    elif key == 'text_projection.weight':
+      out['text_projection'] = np.ascontiguousarray(value.T)
+    else:
+      rest[key] = value
+  out |= _translate(rest, table, keep_unmatched=False)
+  pad = f'transformer.resblocks.{num_layers - 1}.'
+  out |= {k.replace(pad, f'transformer.resblocks.{num_layers}.'): np.zeros_like(v)
+          for k, v in out.items() if k.startswith(pad)}
+  return out

@@ -1,0 +1,283 @@
+"""Original Stable Diffusion single-file checkpoints in and out (.safetensors, .ckpt), no torch.
+
+Reading maps the CompVis keys to diffusers keys (`compvis`), builds the three networks' configs
+(`single_file_config`) and loads them through the same checked table as diffusers folders
+(`tables.to_flax`), so a file either loads whole or fails listing every key that does not fit.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as st_numpy
+
+from ldm_jax.convert import ckpt
+from ldm_jax.convert import compvis
+from ldm_jax.convert import diffusers as diffusers_lib
+from ldm_jax.convert import single_file_config as sfc
+from ldm_jax.convert import tables
+from ldm_jax.models import build
+from ldm_jax.models import text_encoder as text_encoder_lib
+from ldm_jax.models import unet as unet_lib
+from ldm_jax.models import vae as vae_lib
+
+SUFFIXES = ('.safetensors', '.ckpt', '.pt', '.pth')
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `load` found and decided, for the command line's summary."""
+  path: str
+  file_format: str  # 'safetensors' or 'ckpt'
+  file_dtypes: tuple
+  model_type: compvis.ModelType
+  ema: str  # 'used', 'not used' or 'absent'
+  settings: sfc.Settings
+  configs_from: str
+  tokenizer_from: str | None
+  ignored_keys: list
+
+  def lines(self):
+    s = self.settings
+    src = lambda name: s.sources[name]
+    tokenizer = self.tokenizer_from or 'none (a single file has none: pass a tokenizer folder)'
+    return [
+        f'{self.path}: {self.file_format}, {"/".join(self.file_dtypes)}, {self.model_type}',
+        f'  EMA weights: {self.ema}; architecture from {self.configs_from}',
+        f'  image size {s.image_size} ({src("image_size")}), prediction {s.prediction_type} '
+        f'({src("prediction_type")}), VAE scaling factor {s.scaling_factor} '
+        f'({src("scaling_factor")})',
+        f'  tokenizer: {tokenizer}',
+        f'  {len(self.ignored_keys)} non-network entries skipped (noise-schedule buffers, ...)',
+    ]
+
+
+def read_checkpoint(path):
+  """All tensors of a single file, as {key: numpy array}, and its format ('safetensors' or 'ckpt').
+
+  Raises:
+    diffusers.ConversionError: no such file, a truncated one, or one that is no checkpoint.
+    ckpt.UnsafePickleError: a .ckpt whose pickle references anything but tensor storage.
+  """
+  if not os.path.isfile(path):
+    raise diffusers_lib.ConversionError(f'{path}: no such file')
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  if len(head) == 9 and head[8:9] == b'{':  # an 8-byte header length, then the JSON header
+    try:
+      return st_numpy.load_file(path), 'safetensors'
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+      raise diffusers_lib.ConversionError(f'{path} is not a readable safetensors file ({e}): it is '
+                                          'truncated or corrupt; re-download it') from e
+  if head[:4] == b'PK\x03\x04' or head[:2] == b'\x80\x02':  # a torch zip, or a bare pickle
+    return _state_dict(ckpt.load(path), path), 'ckpt'
+  raise diffusers_lib.ConversionError(
+      f'{path} is no checkpoint: neither safetensors nor a PyTorch zip (.ckpt) (it starts with '
+      f'{head[:8]!r})')
+
+
+def _state_dict(obj, path):
+  while isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+    obj = obj['state_dict']  # Lightning: {'state_dict': ..., 'global_step': ..., ...}
+  state = {}
+  if isinstance(obj, dict):
+    state = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+  if not state:
+    raise diffusers_lib.ConversionError(f'{path} holds no tensors (a {type(obj).__name__}); '
+                                        'expected a state dict')
+  return state
+
+
+@dataclasses.dataclass
+class MappedCheckpoint:
+  """A single file's tensors under diffusers names, with the configs that describe them."""
+  states: dict  # {'unet' | 'vae' | 'text_encoder': {diffusers key: array}}
+  configs: tuple  # (UNetConfig, VAEConfig, TextEncoderConfig)
+  scheduler_config: dict
+  model_type: compvis.ModelType
+  ema: str
+  settings: sfc.Settings
+  configs_from: str
+  ignored_keys: list
+
+
+def map_checkpoint(state, *, config=None, config_yaml=None, use_ema=True, prediction_type=None,
+                   image_size=None, scaling_factor=None, dtype=jnp.float32, param_dtype=None):
+  """Detects the model type, picks the EMA weights, renames the keys and builds the configs.
+
+  Arguments as in `load_single_file`; the arrays are renamed, not copied or cast.
+
+  Returns:
+    MappedCheckpoint.
+  """
+  model_type = compvis.detect_model_type(state)
+  state, ema = compvis.select_ema(state, use_ema)
+  parts, ignored = compvis.split(state)
+  folder = sfc.read_config_folder(config) if config is not None else None
+  original = sfc.read_original_config(config_yaml) if config_yaml is not None else None
+  settings = sfc.resolve_settings(model_type, original, folder, image_size=image_size,
+                                  prediction_type=prediction_type, scaling_factor=scaling_factor)
+  with_projection = folder is not None and 'CLIPTextModelWithProjection' in (
+      folder['text_encoder'].get('architectures') or [])
+  states = {'unet': compvis.unet_to_diffusers(parts['unet']),
+            'vae': compvis.vae_to_diffusers(parts['vae'])}
+  if model_type.text_encoder == 'openclip':
+    states['text_encoder'] = compvis.openclip_to_diffusers(parts['openclip'], with_projection)
+  else:
+    states['text_encoder'] = compvis.clip_to_diffusers(parts['clip'])
+  runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype)
+  configs = _configs(states, model_type, settings, original, folder, runtime)
+  configs_from = ('config folder ' + str(config) if folder is not None else
+                  'tensor shapes + original config' if original is not None else
+                  'tensor shapes + SD conventions')
+  scheduler = sfc.scheduler_config(model_type, settings, original, folder)
+  return MappedCheckpoint(states, configs, scheduler, model_type, ema, settings, configs_from,
+                          ignored)
+
+
+def load(path, *, tokenizer=None, **kwargs):
+  """`load_single_file` (same arguments), also returning what it found and decided.
+
+  Returns:
+    (Components, LoadReport).
+  """
+  state, file_format = read_checkpoint(path)
+  file_dtypes = tuple(sorted({str(v.dtype) for v in state.values()}))
+  mapped = map_checkpoint(state, **kwargs)
+  unet_config, vae_config, text_config = mapped.configs
+  modules = {'unet': unet_lib.UNet2DConditionModel(unet_config),
+             'vae': vae_lib.AutoencoderKL(vae_config),
+             'text_encoder': text_encoder_lib.CLIPTextModel(text_config)}
+  nets = {name: (module, _params(module, mapped.states[name], name, path))
+          for name, module in modules.items()}
+  tok, tokenizer_from = _tokenizer(tokenizer, kwargs.get('config'))
+  components = diffusers_lib.Components(
+      unet=nets['unet'], vae=nets['vae'], text_encoder=nets['text_encoder'], tokenizer=tok,
+      scheduler_config=mapped.scheduler_config)
+  report = LoadReport(str(path), file_format, file_dtypes, mapped.model_type, mapped.ema,
+                      mapped.settings, mapped.configs_from, tokenizer_from, mapped.ignored_keys)
+  return components, report
+
+
+def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, prediction_type=None,
+                     image_size=None, scaling_factor=None, dtype=jnp.float32, param_dtype=None,
+                     tokenizer=None):
+  """Loads an original Stable Diffusion single-file checkpoint into `Components`.
+
+  The model type (SD 1.x, 2.x, inpainting) is detected from the keys; widths and depths come
+  from the tensors' shapes. torch is never imported; a .ckpt's pickle may only rebuild tensors.
+
+  Args:
+    path: a .safetensors or .ckpt (torch zip) file in the CompVis/Stability layout.
+    config: a diffusers folder whose configs (and tokenizer/, if any) describe the model, as in
+      diffusers' `from_single_file(config=...)`; needed for models off the SD conventions.
+    config_yaml: the original LDM YAML (path or parsed dict): heads, prediction type, VAE scale,
+      betas; its architecture fields are checked against the tensors.
+    use_ema: take the EMA U-Net weights (`model_ema.*`) when the file has them.
+    prediction_type: 'epsilon', 'v_prediction' or 'sample'; overrides the YAML and the default.
+    image_size: the native image size in pixels (default 512; 768 for SD 2.x v-prediction).
+    scaling_factor: the VAE latent scale (default: the YAML's, else 0.18215).
+    dtype: compute dtype of the networks.
+    param_dtype: storage dtype of the parameters (default: `dtype`).
+    tokenizer: a tokenizer folder (or tokenizer object); a single file holds none, so without
+      one (or a `config` folder with tokenizer/) the components have none.
+
+  Returns:
+    Components, as `load_diffusers` returns them.
+
+  Raises:
+    diffusers.ConversionError: a missing, truncated or unknown file, or an unknown model type.
+    ckpt.UnsafePickleError: a pickle referencing anything but tensor storage (never executed).
+    tables.WeightsMismatchError: tensors that do not fit the configs, listing every key.
+  """
+  return load(path, config=config, config_yaml=config_yaml, use_ema=use_ema,
+              prediction_type=prediction_type, image_size=image_size,
+              scaling_factor=scaling_factor, dtype=dtype, param_dtype=param_dtype,
+              tokenizer=tokenizer)[0]
+
+
+def _configs(states, model_type, settings, original, folder, runtime):
+  if folder is not None:
+    return sfc.configs_from_folder(folder, settings, **runtime)
+  try:
+    vae = sfc.vae_config(states['vae'], settings, **runtime)
+    unet = sfc.unet_config(states['unet'], model_type, settings, vae.downsample_factor, original,
+                           **runtime)
+    text = sfc.text_config(states['text_encoder'], model_type, **runtime)
+  except (KeyError, StopIteration) as e:
+    raise diffusers_lib.ConversionError(
+        f'the single file lacks a tensor its architecture is read from ({e}): it is incomplete or '
+        'not a Stable Diffusion 1.x/2.x checkpoint') from e
+  return unet, vae, text
+
+
+def _params(module, state, name, path):
+  if name == 'text_encoder':
+    state = {k.removeprefix('text_model.'): v for k, v in state.items()}
+  try:
+    params = tables.to_flax(state, build.abstract_params(module), name=name)
+  except tables.WeightsMismatchError as e:
+    raise tables.WeightsMismatchError(
+        f'{path}: after mapping its keys to diffusers names:\n{e}') from e
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _tokenizer(tokenizer, config):
+  if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+    return tokenizer, 'given'
+  folder = tokenizer or (os.path.join(config, 'tokenizer') if config is not None else None)
+  if folder is None or not os.path.isdir(folder):
+    if tokenizer is not None:
+      raise diffusers_lib.ConversionError(f'tokenizer folder {tokenizer} does not exist')
+    return None, None
+  return diffusers_lib.load_tokenizer(folder), str(folder)
+
+
+def single_file_state(components, text_layout=None):
+  """Components -> {CompVis key: float32 array}, the layout `load_single_file` reads.
+
+  Args:
+    components: Components.
+    text_layout: 'clip' (cond_stage_model.transformer.*) or 'openclip' (cond_stage_model.model.*);
+      by default OpenCLIP for a GELU text encoder (SD 2.x), CLIP for a quick-GELU one (SD 1.x).
+  """
+  (unet, unet_params), (vae, vae_params) = components.unet, components.vae
+  text, text_params = components.text_encoder
+  text_layout = text_layout or ('openclip' if text.config.hidden_act == 'gelu' else 'clip')
+  state = {compvis.UNET_PREFIX + k: v for k, v in compvis.unet_from_diffusers(
+      tables.to_torch(unet_params), unet.config).items()}
+  state |= {compvis.VAE_PREFIXES[0] + k: v for k, v in compvis.vae_from_diffusers(
+      tables.to_torch(vae_params), vae.config).items()}
+  text_state = tables.to_torch(text_params)
+  if text_layout == 'openclip':
+    state |= {compvis.OPENCLIP_PREFIX + k: v for k, v in compvis.openclip_from_diffusers(
+        text_state, text.config.num_hidden_layers).items()}
+  elif text_layout == 'clip':
+    state |= {compvis.CLIP_PREFIX + k: v
+              for k, v in compvis.clip_from_diffusers(text_state).items()}
+  else:
+    raise ValueError(f"text_layout must be 'clip' or 'openclip', got {text_layout!r}")
+  return state
+
+
+def save_single_file(components, path, *, dtype=np.float32, text_layout=None, config_yaml=None):
+  """Writes `components` as one CompVis-layout safetensors file (what `from_single_file` reads).
+
+  Args:
+    components: Components.
+    path: the .safetensors file to write.
+    dtype: the stored dtype (float32, float16 or bfloat16).
+    text_layout: see `single_file_state`.
+    config_yaml: where to also write the original LDM YAML describing the model (optional): it
+      carries what shapes cannot (heads, prediction type, VAE scale, betas).
+  """
+  state = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in
+           single_file_state(components, text_layout).items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  st_numpy.save_file(state, path, metadata={'format': 'pt'})
+  if config_yaml is not None:
+    import yaml  # pylint: disable=g-import-not-at-top  (only when a YAML is asked for)
+    with open(config_yaml, 'w') as f:
+      yaml.safe_dump(sfc.original_config(components), f, sort_keys=False)

@@ -1,21 +1,39 @@
-# Fresh-machine entry points: `make test` (set-up + the whole suite).
+# Fresh-machine entry points: `make demo` (set-up + the shapes demo) and `make test` (set-up + suite).
 PY := .venv/bin/python
-STAMP := .venv/.installed
+RUNTIME := .venv/.installed-runtime
+TESTING := .venv/.installed-test
+DEMO := runs/demo
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q -U pip
 
-$(STAMP): $(PY) pyproject.toml
+$(RUNTIME): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME)
+
+$(TESTING): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(RUNTIME) $(TESTING)
 
-setup: $(STAMP)
+setup: $(TESTING)
 
-test: $(STAMP)
+test: $(TESTING)
 	$(PY) -m pytest -q tests
+
+# The embedded default: build the shapes dataset, train the VAE then the text-conditioned LDM
+# (with a jointly trained text encoder) on CPU, sample every colour/shape combination (held-out
+# ones included) into $(DEMO)/samples and print the prompt fidelity read back from the pixels.
+demo: $(RUNTIME)
+	$(PY) -m ldm_jax.data build shapes --data_dir data --image_size 32 --num_train 4000
+	$(PY) train.py --config configs/shapes.py:vae --workdir $(DEMO)/vae
+	$(PY) train.py --config configs/shapes.py:ldm --workdir $(DEMO)/ldm --config.vae_workdir=$(DEMO)/vae
+	$(PY) -m ldm_jax.evaluation.shapes --write_prompts $(DEMO)/prompts.txt --per_combination 4
+	$(PY) sample.py --workdir $(DEMO)/ldm --prompts_file $(DEMO)/prompts.txt --batch_size 96 \
+	    --steps 25 --sampler dpmpp_2m --guidance 4 --out $(DEMO)/samples
+	$(PY) -m ldm_jax.evaluation.shapes --samples $(DEMO)/samples
 
 clean:
 	rm -rf .venv *.egg-info

@@ -6,7 +6,7 @@
   python sample.py --init DIR --prompt "a castle" --init_image in.png --strength 0.6 [--mask m.png]
 
 Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... per image) to
---out. Sampling from our own training checkpoints (--workdir) arrives with the training issue.
+--out. `--workdir runs/x` samples from one of our training runs (its latest EMA weights).
 """
 
 from absl import app
@@ -18,14 +18,15 @@ from ml_collections import config_flags
 from ldm_jax import convert
 from ldm_jax import sampling_cli
 from ldm_jax.diffusion import pipeline
+from ldm_jax.train import export
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (optional); its `init` is used like --init.',
     lock_config=True)
 _INIT = flags.DEFINE_string('init', None, 'A diffusers folder to sample from (wins over '
                             'config.init).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (not supported until the '
-                               'training issue lands).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (an ldm-stage run) to sample '
+                               'from: its latest checkpoint\'s EMA weights.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype, e.g. bfloat16 (default: '
                              'config.model.dtype, else float32).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
@@ -74,8 +75,11 @@ def main(argv):
   # Model.
   logging.info('loading %s (compute %s, params %s)', source.path, source.dtype,
                source.param_dtype)
-  components = convert.load_diffusers(source.path, dtype=jnp.dtype(source.dtype),
-                                      param_dtype=jnp.dtype(source.param_dtype))
+  if source.kind == 'workdir':
+    components = export.components_from_workdir(source.path)
+  else:
+    components = convert.load_diffusers(source.path, dtype=jnp.dtype(source.dtype),
+                                        param_dtype=jnp.dtype(source.param_dtype))
   sd = pipeline.StableDiffusion(components)
 
   # Loop.

@@ -1,28 +1,48 @@
-"""Training entry point (thin): builds the networks named by a config and reports them.
+"""Training entry point: `python train.py --config configs/shapes.py:ldm --workdir runs/ldm`.
 
-  python train.py --config configs/sd15.py [--config.init=/models/stable-diffusion-v1-5]
-
-The training loop itself arrives with the training issue; until then this checks a config,
-loads its weights when `config.init` names a diffusers folder, and prints parameter counts.
+Every config's docstring holds its own commands. `--config.a.b=v` overrides a value; unknown
+keys are refused. The run resumes from the workdir's latest checkpoint when there is one.
 """
+
+import logging as logging_std
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ldm_jax import inspect_networks
+from ldm_jax import config_check
+from ldm_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-flags.mark_flags_as_required(['config'])
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and tfds (every save logs a dozen lines); warnings stay."""
+
+  def filter(self, record):
+    noisy = ('/orbax/', '/tensorflow_datasets/', '/grain/')
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  print(inspect_networks.report(_CONFIG.value))
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    loop.train(_CONFIG.value, _WORKDIR.value)
+  except loop.NonFiniteLossError as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
+  problem = config_check.unknown_override(sys.argv)
+  if problem:  # before absl parses the flags: its own error does not list the valid keys
+    sys.exit(f'error: {problem}')
   app.run(main)

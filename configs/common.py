@@ -1,4 +1,4 @@
-"""Config groups shared by every experiment config (the `model` group for now)."""
+"""Config groups shared by every experiment config: model, diffusion, data, optim, ema, mesh, ..."""
 
 import ml_collections
 
@@ -7,7 +7,8 @@ def model(preset):
   """The `model` group: which networks (a preset of ldm_jax.models) and how they compute.
 
   Args:
-    preset: 'sd15', 'sd21' or 'tiny'.
+    preset: 'sd15', 'sd21' or 'tiny'. Per-network overrides of the preset go in
+      `model.unet`, `model.vae` and `model.text_encoder` (config field names).
   """
   return ml_collections.ConfigDict({
       'preset': preset,
@@ -15,4 +16,74 @@ def model(preset):
       'param_dtype': 'float32',  # storage dtype (master weights)
       'attention_impl': 'xla',  # 'xla', 'jax' or 'cudnn' (flash attention on GPU)
       'remat': False,  # rematerialise each block in the backward pass
+      'unet': {}, 'vae': {}, 'text_encoder': {},
   })
+
+
+def training(stage, preset, data_name, data_dir, resolution, batch_size):
+  """A complete training config with every group; experiment configs change what they need.
+
+  Args:
+    stage: 'vae', 'ldm' or 'clip'.
+    preset: the model preset.
+    data_name: the dataset (`ldm_jax.data.sources.data_source` name).
+    data_dir: the tfds data directory.
+    resolution: image side in pixels.
+    batch_size: the global batch.
+  """
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.model = model(preset)
+  c.init = ''  # a diffusers folder to start from (load_diffusers)
+  c.resume = ''  # another run's workdir or checkpoints directory to take the state from
+  c.vae_workdir = ''  # ldm stage: the frozen VAE from a vae-stage run (its EMA weights)
+  c.allow_random_vae = False  # ldm stage without a trained VAE: smoke tests only
+  c.tokenizer = ''  # a tokenizer folder, 'shapes', or '' for the init folder's
+  c.text_encoder = ml_collections.ConfigDict({
+      'trainable': False,  # train it jointly with the U-Net (the original LDM text-to-image)
+      'workdir': '',  # a clip-stage run to take a frozen text encoder from
+  })
+  c.diffusion = ml_collections.ConfigDict({
+      'num_train_timesteps': 1000, 'beta_start': 0.00085, 'beta_end': 0.012,
+      'beta_schedule': 'scaled_linear', 'prediction_type': 'epsilon',
+      'rescale_betas_zero_snr': False,
+      'min_snr_gamma': 0.0,  # 0: plain MSE; 5.0 is the paper's value
+      'noise_offset': 0.0,
+  })
+  c.vae_loss = ml_collections.ConfigDict({
+      'kind': 'l1',  # reconstruction: 'l1' or 'l2', a mean over pixels
+      'kl_weight': 1e-6,  # KL summed over latent elements, mean over the batch
+      'gan': {'enabled': False, 'start_step': 5000, 'weight': 0.5, 'preset': 'tiny'},
+  })
+  c.clip = ml_collections.ConfigDict({  # the clip stage's image tower and embedding width
+      'image_preset': 'tiny', 'projection_dim': 64,
+  })
+  c.data = ml_collections.ConfigDict({
+      'name': data_name, 'data_dir': data_dir, 'split': 'train', 'image_key': 'image',
+      'caption_key': 'caption', 'resolution': resolution, 'crop': 'center', 'flip': False,
+      'caption_dropout': 0.1 if stage == 'ldm' else 0.0,  # for classifier-free guidance
+      'batch_size': batch_size, 'seed': 0, 'num_epochs': None, 'shuffle': True,
+      'worker_count': 0, 'min_image_size': 0, 'skip_empty_captions': False, 'max_length': 77,
+      'precomputed': False,
+  })
+  c.optim = ml_collections.ConfigDict({
+      'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 500, 'schedule': 'constant',
+      'final_lr_fraction': 0.0, 'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'weight_decay': 1e-2,
+      'clip_norm': 1.0, 'grad_accum': 1,
+  })
+  c.ema = ml_collections.ConfigDict({'decay': 0.9999, 'warmup': True, 'start_step': 0})
+  c.mesh = [('data', -1), ('fsdp', 1)]
+  c.sharding = ml_collections.ConfigDict({
+      # (regex over 'params/unet/down_blocks_0/...' paths, 'replicate' | 'fsdp' | axis tuple)
+      'rules': [('.*', 'fsdp')],  # with fsdp=1 this replicates everything
+  })
+  c.sample = ml_collections.ConfigDict({  # previews every sample_every steps
+      'prompts': ['a red circle'], 'steps': 25, 'sampler': 'ddim', 'guidance': 4.0,
+  })
+  c.num_steps = 10000
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.sample_every = 1000  # 0: no previews
+  c.keep_checkpoints = 3
+  c.seed = 0
+  return c

@@ -45,6 +45,7 @@ class ModelSource:
   path: str
   dtype: str
   param_dtype: str
+  kind: str = 'diffusers'  # or 'workdir': our own training run (its latest EMA weights)
 
 
 def read_prompts(prompts=(), prompts_file=None):
@@ -59,20 +60,23 @@ def read_prompts(prompts=(), prompts_file=None):
 
 
 def resolve_model(init=None, config=None, workdir=None, dtype=None):
-  """Picks the weights to sample from: --init, else config.init; --workdir is not ready yet.
+  """Picks the weights to sample from: --workdir, or --init, else config.init.
 
   Args:
     init: a diffusers folder (--init); wins over `config.init`.
     config: an experiment ConfigDict or None; its `init` and `model.dtype/param_dtype` are used.
-    workdir: a training workdir; refused until the training issue brings checkpoints.
+    workdir: a training workdir (an ldm-stage run); its latest checkpoint's EMA weights.
     dtype: compute dtype name overriding the config's (default: config's, else float32).
 
   Returns:
     ModelSource.
   """
   if workdir:
-    raise ValueError(f'--workdir {workdir!r}: sampling from our own training checkpoints arrives '
-                     'with the training issue; for now pass --init DIR (a diffusers folder)')
+    if init:
+      raise ValueError('give either --workdir (a training run) or --init (a diffusers folder)')
+    if not os.path.isdir(workdir):
+      raise ValueError(f'training workdir {workdir!r} does not exist')
+    return ModelSource(workdir, 'float32', 'float32', kind='workdir')
   path = init or (config.get('init') if config is not None else None)
   if not path:
     raise ValueError('nothing to sample from: pass --init DIR (a diffusers folder with '

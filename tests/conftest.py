@@ -1,9 +1,15 @@
 """Test set-up: 8 simulated CPU devices (before JAX starts) and shared fixtures."""
 
 import os
+import tempfile
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # tests never reach a hub
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_collective_call_terminate_timeout_seconds=60')
+# A persistent compilation cache, shared with the train.py/sample.py subprocesses the tests
+# start: identical computations compile once per suite run instead of once per call.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'ldm_jax_test_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import jax  # pylint: disable=g-import-not-at-top
 

@@ -248,8 +248,11 @@ def test_resolve_model(tmp_path):
       str(tmp_path), 'bfloat16', 'float32')
   assert sampling_cli.resolve_model(init=str(tmp_path), dtype='float16') == (
       sampling_cli.ModelSource(str(tmp_path), 'float16', 'float16'))
-  with pytest.raises(ValueError, match='arrives with the training issue'):
+  with pytest.raises(ValueError, match='either --workdir'):
     sampling_cli.resolve_model(init=str(tmp_path), workdir='/ckpt')
+  with pytest.raises(ValueError, match="workdir '/ckpt' does not exist"):
+    sampling_cli.resolve_model(workdir='/ckpt')
+  assert sampling_cli.resolve_model(workdir=str(tmp_path)).kind == 'workdir'
   with pytest.raises(ValueError, match='nothing to sample from'):
     sampling_cli.resolve_model(config=ml_collections.ConfigDict({'init': ''}))
   with pytest.raises(ValueError, match="'/no/such' does not exist"):
@@ -321,7 +324,7 @@ def test_sample_main_reads_init_from_config(sample, tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--workdir=/ckpt', '--prompt=x'], 'arrives with the training issue'),
+    (['--workdir=/ckpt', '--prompt=x'], "workdir '/ckpt' does not exist"),
     (['--prompt=x'], 'nothing to sample from'),
     (['--init={tmp}'], 'no prompts'),
     (['--init={tmp}', '--prompt=x', '--sampler=lms'], "unknown sampler 'lms': choose one of"),

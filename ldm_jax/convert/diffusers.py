@@ -182,13 +182,9 @@ def save_diffusers(components, path):
   Weights are written in float32 safetensors, configs as diffusers/transformers write them.
   """
   os.makedirs(path, exist_ok=True)
-  (unet_module, unet_params), (vae_module, vae_params) = components.unet, components.vae
-  te_module, te_params = components.text_encoder
-  _save_component(path, 'unet', unet_module.config.to_diffusers(), tables.to_torch(unet_params))
-  _save_component(path, 'vae', vae_module.config.to_diffusers(), tables.to_torch(vae_params))
-  te_state = {('' if k.startswith('text_projection') else 'text_model.') + k: v
-              for k, v in tables.to_torch(te_params).items()}
-  _save_component(path, 'text_encoder', te_module.config.to_transformers(), te_state)
+  for name in ('unet', 'vae', 'text_encoder'):
+    save_network(path, name, *getattr(components, name))
+  te_module = components.text_encoder[0]
   if components.tokenizer is not None:
     components.tokenizer.save_pretrained(os.path.join(path, 'tokenizer'))
   scheduler = dict(components.scheduler_config)
@@ -202,6 +198,17 @@ def save_diffusers(components, path):
       'safety_checker': [None, None], 'feature_extractor': [None, None],
       'requires_safety_checker': False,
   }, os.path.join(path, 'model_index.json'))
+
+
+def save_network(path, name, module, params):
+  """Writes one network as the `name/` folder of a diffusers pipeline ('unet', 'vae' or
+  'text_encoder'), loadable by its diffusers/transformers class's `from_pretrained`."""
+  if name == 'text_encoder':
+    state = {('' if k.startswith('text_projection') else 'text_model.') + k: v
+             for k, v in tables.to_torch(params).items()}
+    _save_component(path, name, module.config.to_transformers(), state)
+  else:
+    _save_component(path, name, module.config.to_diffusers(), tables.to_torch(params))
 
 
 def _save_component(path, name, config, state):

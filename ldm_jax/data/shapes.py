@@ -27,7 +27,7 @@ POSITIONS = {  # name -> (x, y) centre as a fraction of the image, and the capti
     'bottom left': ((0.3, 0.7), 'in the bottom left corner'), 'bottom': ((0.5, 0.7), 'at the bottom'),
     'bottom right': ((0.7, 0.7), 'in the bottom right corner'),
 }
-SIZES = {'small': 0.14, 'large': 0.22}  # radius as a fraction of the image side
+SIZES = {'small': 0.18, 'large': 0.26}  # radius as a fraction of the image side
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth, antialiased edges
 
 
@@ -81,6 +81,15 @@ def caption(objects, background, rng):
       '{c} {s}', 'a picture of a {c} {s}', 'a {c} {s} {p}', 'a {z} {c} {s} on {b}',
   ]
   return rng.choice(templates).format(c=o.colour, s=o.shape, z=o.size, p=phrase, b=background)
+
+
+def caption_words():
+  """Every word a shapes caption can use (for a word-level tokenizer)."""
+  words = set(COLOURS) | set(SHAPES) | set(SIZES)
+  words |= {'a', 'on', 'background', 'picture', 'of', 'and', 'next', 'to'}
+  for _, phrase in POSITIONS.values():
+    words |= set(phrase.split())
+  return sorted(words)
 
 
 def is_holdout(colour, shape):

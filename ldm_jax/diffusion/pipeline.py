@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import sharding
 from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.diffusion import samplers
 from ldm_jax.models import layers
@@ -42,7 +43,7 @@ class StableDiffusion:
     self.text_encoder, te_params = components.text_encoder
     self.tokenizer = components.tokenizer
     self.scheduler_config = dict(components.scheduler_config)
-    self.mesh = mesh or jax.make_mesh((jax.device_count(),), ('data',))
+    self.mesh = mesh or sharding.make_mesh([('data', -1)])
     replicated = jax.sharding.NamedSharding(self.mesh, P())
     self.params = jax.device_put({'unet': unet_params, 'vae': vae_params, 'text': te_params},
                                  replicated)

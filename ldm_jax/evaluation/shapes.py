@@ -70,3 +70,49 @@ def fidelity(images, prompts):
     hits[k] = (want[0] == got[0], want[1] == got[1])
   return {'colour': float(hits[:, 0].mean()), 'shape': float(hits[:, 1].mean()),
           'both': float(hits.all(axis=1).mean()), 'n': len(prompts)}
+
+
+def evaluate_folder(folder):
+  """Prompt fidelity of a sample.py output folder, on training and held-out combinations.
+
+  Returns:
+    {'train': fidelity dict, 'holdout': fidelity dict} (a group without prompts is left out).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  groups = {'train': ([], []), 'holdout': ([], [])}
+  with open(os.path.join(folder, 'samples.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      colour, shape = parse_prompt(record['prompt'])
+      group = 'holdout' if shapes_lib.is_holdout(colour, shape) else 'train'
+      groups[group][0].append(np.asarray(Image.open(os.path.join(folder, record['file']))))
+      groups[group][1].append(record['prompt'])
+  return {name: fidelity(images, prompts) for name, (images, prompts) in groups.items() if prompts}
+
+
+def demo_prompts(per_combination=1):
+  """One prompt per colour/shape combination (the held-out ones included), `a {colour} {shape}`."""
+  return [f'a {c} {s}' for c in shapes_lib.COLOURS for s in shapes_lib.SHAPES] * per_combination
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description='Prompt fidelity of shapes samples.')
+  parser.add_argument('--samples', help='a sample.py output folder (samples.jsonl + PNGs)')
+  parser.add_argument('--write_prompts', help='write the demo prompts to this file and exit')
+  parser.add_argument('--per_combination', type=int, default=1)
+  args = parser.parse_args(argv)
+  if args.write_prompts:
+    with open(args.write_prompts, 'w') as f:
+      f.write('\n'.join(demo_prompts(args.per_combination)) + '\n')
+    return
+  for group, score in evaluate_folder(args.samples).items():
+    print(f'prompt fidelity, {group} combinations: {100 * score["both"]:.1f}% '
+          f'(colour {100 * score["colour"]:.1f}%, shape {100 * score["shape"]:.1f}%, '
+          f'{score["n"]} images)')
+
+
+if __name__ == '__main__':
+  main()

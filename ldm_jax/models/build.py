@@ -24,11 +24,15 @@ def networks_from_config(model_config):
   runtime = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
                  attention_impl=model_config.attention_impl, remat=model_config.remat)
   te_preset = 'openclip_h' if preset == 'sd21' else preset
+  # Per-network overrides of the preset (config.model.unet = {'block_out_channels': ...}).
+  over = lambda name: {k: tuple(v) if isinstance(v, list) else v
+                       for k, v in dict(model_config.get(name) or {}).items()}
   return {
-      'unet': unet.UNet2DConditionModel(getattr(unet.UNetConfig, preset)(**runtime)),
-      'vae': vae.AutoencoderKL(getattr(vae.VAEConfig, preset)(**runtime)),
+      'unet': unet.UNet2DConditionModel(
+          getattr(unet.UNetConfig, preset)(**(runtime | over('unet')))),
+      'vae': vae.AutoencoderKL(getattr(vae.VAEConfig, preset)(**(runtime | over('vae')))),
       'text_encoder': text_encoder.CLIPTextModel(
-          getattr(text_encoder.TextEncoderConfig, te_preset)(**runtime)),
+          getattr(text_encoder.TextEncoderConfig, te_preset)(**(runtime | over('text_encoder')))),
   }
 
 

@@ -1,0 +1,58 @@
+"""The embedded default: a tiny text-to-image LDM on the synthetic shapes dataset, on CPU.
+
+Two stages, the VAE first, then the text-conditioned LDM with a jointly trained text encoder:
+
+  python -m ldm_jax.data build shapes --data_dir data --image_size 32 --num_train 4000
+  python train.py --config configs/shapes.py:vae --workdir runs/demo/vae
+  python train.py --config configs/shapes.py:ldm --workdir runs/demo/ldm \
+      --config.vae_workdir=runs/demo/vae
+  python sample.py --workdir runs/demo/ldm --prompt "a blue circle" --num_images 8
+
+Add `,runlocal` to the argument (`configs/shapes.py:ldm,runlocal`) for a few-step smoke run.
+"""
+
+from configs import common
+
+DATA = 'shapes/s32_n4000_h200_seed0'  # built by the command above
+
+
+def get_config(arg='ldm'):
+  args = (arg or 'ldm').split(',')
+  stage = args[0]
+  c = common.training(stage, 'tiny', DATA, 'data', resolution=32, batch_size=32)
+  c.tokenizer = 'shapes'  # a word-level BPE over the caption vocabulary
+  # Sized for two CPU cores: an f=4 VAE (32x32 images -> 8x8x4 latents) and a two-level U-Net.
+  c.model.vae = dict(block_out_channels=(16, 32, 32), latent_channels=16, norm_num_groups=8)
+  c.model.unet = dict(block_out_channels=(32, 64), num_attention_heads=4, sample_size=8,
+                      in_channels=16, out_channels=16,  # the VAE's latent channels
+                      cross_attention_dim=64, norm_num_groups=8, layers_per_block=1)
+  c.model.text_encoder = dict(vocab_size=0, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4)  # vocab 0: the tokenizer's
+  c.text_encoder.trainable = True  # learned with the U-Net, as in the original LDM
+  # v-prediction: at high noise the target is ~ the clean latent, so the U-Net (and the text
+  # encoder) learn colour and shape from the caption early; eps at high noise teaches little.
+  c.diffusion.prediction_type = 'v_prediction'
+  c.optim.lr = 2e-3 if stage == 'vae' else 1e-3  # small models, short runs
+  c.optim.warmup_steps = 100
+  c.optim.schedule = 'cosine'
+  c.ema.decay = 0.999
+  c.vae_loss.kl_weight = 1e-6
+  c.num_steps = 1000 if stage == 'vae' else 1500
+  if stage == 'vae':
+    c.data.batch_size = 16  # more, smaller steps: the VAE learns shape edges sooner
+  c.log_every = 50
+  c.ckpt_every = 500
+  c.sample_every = 1000
+  c.sample.prompts = ['a red circle', 'a blue square', 'a green triangle', 'a yellow circle',
+                      'a red triangle', 'a blue circle']  # the last two are held out
+  c.sample.steps = 20
+  if 'runlocal' in args:  # seconds, not minutes: a smoke run of the whole loop
+    c.data.name = 'shapes/s32_n64_h16_seed0'
+    c.data.batch_size = 8
+    c.num_steps = 4
+    c.log_every = 1
+    c.ckpt_every = 2
+    c.sample_every = 4
+    c.sample.steps = 2
+    c.sample.prompts = ['a red circle', 'a blue square']
+  return c

@@ -1,0 +1,1 @@
+"""Training: the train state, the three stages, the update step and the loop."""

@@ -87,3 +87,42 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   c.keep_checkpoints = 3
   c.seed = 0
   return c
+
+
+def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
+  """The SD 1.x/2.x ldm config: ':finetune' (default), ':scratch', ',runlocal' (see sd15.py)."""
+  args = (arg or 'finetune').split(',')
+  c = training('ldm', preset, 'image_folder/my_images', 'data', resolution=resolution,
+               batch_size=64)
+  c.model.dtype = 'bfloat16'  # float32 master weights (param_dtype), bf16 compute
+  c.model.remat = True  # rematerialise blocks: SD-size activations do not fit otherwise
+  c.diffusion.prediction_type = prediction_type  # from scratch; fine-tuning uses the init folder's
+  c.data.crop = 'random'
+  c.data.flip = True
+  c.optim.lr = 1e-5  # fine-tuning: diffusers' train_text_to_image default
+  c.optim.warmup_steps = 500
+  c.ema.decay = 0.9999
+  c.num_steps = 15000
+  c.sample.prompts = ['a photo of an astronaut riding a horse on the moon']
+  if 'scratch' in args:
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 10000  # the CompVis recipe's LambdaLinear warm-up
+    c.text_encoder.trainable = True
+    c.num_steps = 500000
+  if 'runlocal' in args:  # the whole loop in seconds on CPU
+    c.model.preset = 'tiny'
+    c.model.dtype = 'float32'
+    c.model.remat = False
+    c.init = ''
+    c.allow_random_vae = True
+    c.tokenizer = 'shapes'
+    c.text_encoder.trainable = True
+    c.model.text_encoder = {'vocab_size': 0}  # the tokenizer's size
+    c.data.name = 'shapes/s32_n64_h16_seed0'
+    c.data.resolution = 32
+    c.data.batch_size = 8
+    c.num_steps = 4
+    c.log_every = 1
+    c.ckpt_every = 2
+    c.sample_every = 0
+  return c

@@ -236,3 +236,14 @@ def test_unknown_config_key_lists_the_valid_ones(tmp_path):
   assert out.returncode != 0
   assert "unknown config key 'optim.learning_rate'" in out.stderr
   assert "'lr'" in out.stderr and "'warmup_steps'" in out.stderr
+
+
+@pytest.mark.parametrize('spec', ['shapes.py:vae', 'shapes.py:ldm,runlocal', 'shapes.py:clip',
+                                  'sd15.py', 'sd15.py:scratch,runlocal', 'sd21.py:finetune',
+                                  'tiny.py'])
+def test_every_config_has_every_group(spec):
+  from ldm_jax import config_check  # pylint: disable=g-import-not-at-top
+  config = config_check.load_config(os.path.join(ROOT, 'configs', spec))
+  reference = shapes_config.get_config('ldm')
+  assert sorted(config.keys()) == sorted(reference.keys())
+  assert config.stage in ('vae', 'ldm', 'clip')

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ldm_jax.models import layers
+from ldm_jax.models import text_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,47 +54,13 @@ class ImageEncoderConfig:
     return cls(**kw)
 
 
-class SelfAttention(nn.Module):
-  """Multi-head self-attention with biased q/k/v/out projections (CLIP's vision attention)."""
-  config: ImageEncoderConfig
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    heads, d = c.num_heads, c.hidden_size // c.num_heads
-    split = lambda t: t.reshape(t.shape[:2] + (heads, d))
-    q, k, v = (split(layers.dense(c.hidden_size, name=n, **kw)(x))
-               for n in ('q_proj', 'k_proj', 'v_proj'))
-    out = layers.dot_product_attention(q, k, v, impl=c.attention_impl)  # no mask: all patches
-    return layers.dense(c.hidden_size, name='out_proj', **kw)(out.reshape(x.shape))
-
-
-class EncoderLayer(nn.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-  config: ImageEncoderConfig
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    x = x + SelfAttention(c, name='self_attn')(
-        layers.LayerNorm(c.layer_norm_eps, c.param_dtype, name='layer_norm1')(x))
-    h = layers.LayerNorm(c.layer_norm_eps, c.param_dtype, name='layer_norm2')(x)
-    h = layers.activation(c.hidden_act)(layers.dense(c.mlp_dim, name='fc1', **kw)(h))
-    return x + layers.dense(c.hidden_size, name='fc2', **kw)(h)
-
-
-class Encoder(nn.Module):
-  """The stack of `num_layers` blocks, optionally rematerialised."""
-  config: ImageEncoderConfig
-
-  @nn.compact
-  def __call__(self, x):
-    layer_cls = layers.maybe_remat(EncoderLayer, self.config.remat)
-    for i in range(self.config.num_layers):
-      x = layer_cls(self.config, name=f'layers_{i}')(x)
-    return x
+def transformer_config(config):
+  """The text encoder's config for the same pre-LN blocks: the tower reuses its Encoder."""
+  return text_encoder.TextEncoderConfig(
+      hidden_size=config.hidden_size, intermediate_size=config.mlp_dim,
+      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+      hidden_act=config.hidden_act, layer_norm_eps=config.layer_norm_eps, dtype=config.dtype,
+      param_dtype=config.param_dtype, attention_impl=config.attention_impl, remat=config.remat)
 
 
 class ViTImageEncoder(nn.Module):
@@ -110,7 +77,7 @@ class ViTImageEncoder(nn.Module):
   is invariant to how many tokens there are should the trainer change `image_size`.
 
   Parameter names follow transformers' CLIPVisionModel where the layers coincide
-  (`patch_embedding`, `position_embedding`, `encoder/layers_{i}/self_attn/q_proj`,
+  (`patch_embedding`, `position_embedding`, `encoder/layers_{i}/self_attn/q_proj`, `mlp/fc1`,
   `post_layernorm`, `visual_projection`); there is no `class_embedding` and no `pre_layrnorm`. As
   in CLIP, the final LayerNorm normalises the pooled vector (big_vision instead normalises every
   token and then pools; with one LN on the pooled vector the projection always sees unit scale).
@@ -124,7 +91,7 @@ class ViTImageEncoder(nn.Module):
                                    strides=(c.patch_size, c.patch_size), padding='VALID', **kw)
     self.position_embedding = self.param('position_embedding', nn.initializers.normal(0.02),
                                          (c.num_patches, c.hidden_size), c.param_dtype)
-    self.encoder = Encoder(c)
+    self.encoder = text_encoder.Encoder(transformer_config(c))  # the same blocks, no mask
     self.post_layernorm = layers.LayerNorm(c.layer_norm_eps, c.param_dtype)
     self.visual_projection = layers.dense(c.projection_dim, use_bias=False, **kw)
 
@@ -136,7 +103,7 @@ class ViTImageEncoder(nn.Module):
                        f'{c.image_size} (learned position embeddings fix the size)')
     x = self.patch_embedding(images.astype(c.dtype))  # (B, H/p, W/p, D)
     x = x.reshape(b, -1, c.hidden_size) + self.position_embedding.astype(c.dtype)[None]  # (B, N, D)
-    x = self.encoder(x)
+    x = self.encoder(x, None)[-1]  # (B, N, D): every patch attends to every patch
     # Mean over tokens in float32 (64+ bf16 summands lose precision), then the final LN.
     pooled = x.astype(jnp.float32).mean(axis=1).astype(c.dtype)  # (B, D)
     return self.visual_projection(self.post_layernorm(pooled))  # (B, projection_dim)

@@ -15,8 +15,8 @@ _ITEMS = ('state', 'data', 'config')
 class Checkpointer:
   """A CheckpointManager over `<workdir>/checkpoints` (async saves, keep the newest N)."""
 
-  def __init__(self, workdir, keep=3, async_save=True):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  def __init__(self, workdir, keep=3, async_save=True, directory=None):
+    self.directory = os.path.abspath(directory or os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)

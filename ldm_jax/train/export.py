@@ -42,9 +42,11 @@ class Previewer:
     components = self.stage.components(ema_params, frozen)
     if self._sd is None:  # one pipeline: its compiled function is reused by every preview
       self._sd = pipeline.StableDiffusion(components, self.mesh)
-    else:
-      self._sd.params = {'unet': components.unet[1], 'vae': components.vae[1],
-                         'text': components.text_encoder[1]}
+    else:  # new EMA weights, placed as the pipeline's compiled function expects them
+      self._sd.params = jax.device_put(
+          {'unet': components.unet[1], 'vae': components.vae[1],
+           'text': components.text_encoder[1]},
+          jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     images = self._sd.generate(list(s.prompts), steps=s.steps, sampler=s.sampler,
                                guidance_scale=s.guidance, seed=0, height=self.config.data.resolution,
                                width=self.config.data.resolution)

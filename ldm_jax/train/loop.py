@@ -84,9 +84,12 @@ def _restore_or_init(config, stage, tx, abstract, shardings, ckpt, loader, rng):
     logging.info('resumed from step %d of this workdir', int(state['step']))
     return state
   if config.resume:
-    other = checkpoint.Checkpointer(os.path.dirname(
-        checkpoint.latest_checkpoint_dir(config.resume) or config.resume), async_save=False)
+    directory = checkpoint.latest_checkpoint_dir(config.resume)
+    if directory is None:
+      raise FileNotFoundError(f'config.resume={config.resume!r} holds no checkpoint')
+    other = checkpoint.Checkpointer(None, async_save=False, directory=directory)
     state, _, _ = other.restore(other.latest_step(), target)
+    other.close()
     logging.info('resumed the state of %s at step %d', config.resume, int(state['step']))
     return state
   if stage.initial is not None:

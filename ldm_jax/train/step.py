@@ -56,8 +56,8 @@ def make_update_fn(loss_fn, tx, ema, grad_accum=1, lr_schedule=None):
     decay = state_lib.ema_decay(state['step'], ema)
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state,
                  'ema_params': state_lib.ema_update(state['ema_params'], new_params, decay)}
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(new_params), update_norm=optax.global_norm(updates),
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates),
                    ema_decay=decay)
     if lr_schedule is not None:
       metrics['learning_rate'] = lr_schedule(state['step'])

@@ -44,16 +44,7 @@ def test_export_loads_in_diffusers_with_the_same_outputs(pipeline_dir, tmp_path)
   components = convert.load_diffusers(path)
   convert.save_diffusers(components, str(tmp_path))
   pipe = tr.diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path), safety_checker=None)
-  g = torch.Generator().manual_seed(0)
-  x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
-  images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-  ids = torch.randint(0, 998, (2, 77), generator=g)
-  with torch.no_grad():
-    pairs = [(pipe.unet(x, 10, context).sample, unet(x, 10, context).sample),
-             (pipe.vae(images).sample, vae(images).sample),
-             (pipe.text_encoder(ids).last_hidden_state, text_encoder(ids).last_hidden_state)]
-  for exported, original in pairs:
-    torch.testing.assert_close(exported, original, rtol=0, atol=0)
+  tr.assert_same_pipeline_outputs(pipe, unet, vae, text_encoder)
   assert pipe.tokenizer('abc').input_ids == [998, 0, 2, 5, 999]
   assert type(pipe.scheduler).__name__ == 'DDIMScheduler'
 

@@ -83,13 +83,7 @@ def test_export_loads_in_diffusers_from_single_file(pipeline_dir):
   assert keys['first_stage_model.decoder.mid.attn_1.q.weight'].shape == (64, 64, 1, 1)
   pipe = tr.diffusers.StableDiffusionPipeline.from_single_file(
       file, config=path, local_files_only=True, safety_checker=None)
-  x, context, images, ids = _inputs()
-  with torch.no_grad():
-    pairs = [(pipe.unet(x, 10, context).sample, unet(x, 10, context).sample),
-             (pipe.vae(images).sample, vae(images).sample),
-             (pipe.text_encoder(ids).last_hidden_state, text_encoder(ids).last_hidden_state)]
-  for exported, original in pairs:
-    torch.testing.assert_close(exported, original, rtol=0, atol=0)
+  tr.assert_same_pipeline_outputs(pipe, unet, vae, text_encoder)
 
 
 def test_single_file_imports_back_bit_exact(pipeline_dir):

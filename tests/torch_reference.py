@@ -101,3 +101,17 @@ def rel_err(ours, ref):
   """max |ours - ref| / max |ref|: the error relative to the output's scale."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def assert_same_pipeline_outputs(pipe, unet, vae, text_encoder, context_dim=32):
+  """A loaded diffusers pipeline's networks give exactly the originals' outputs."""
+  g = torch.Generator().manual_seed(0)
+  x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, context_dim, generator=g)
+  images = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+  ids = torch.randint(0, 998, (2, 77), generator=g)
+  with torch.no_grad():
+    pairs = [(pipe.unet(x, 10, context).sample, unet(x, 10, context).sample),
+             (pipe.vae(images).sample, vae(images).sample),
+             (pipe.text_encoder(ids).last_hidden_state, text_encoder(ids).last_hidden_state)]
+  for exported, original in pairs:
+    torch.testing.assert_close(exported, original, rtol=0, atol=0)

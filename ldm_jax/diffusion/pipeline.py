@@ -44,9 +44,7 @@ class StableDiffusion:
     self.tokenizer = components.tokenizer
     self.scheduler_config = dict(components.scheduler_config)
     self.mesh = mesh or sharding.make_mesh([('data', -1)])
-    replicated = jax.sharding.NamedSharding(self.mesh, P())
-    self.params = jax.device_put({'unet': unet_params, 'vae': vae_params, 'text': te_params},
-                                 replicated)
+    self.set_weights(unet_params, vae_params, te_params)
     self.vae_scale = self.vae.config.downsample_factor
     size = self.unet.config.sample_size
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
@@ -56,6 +54,11 @@ class StableDiffusion:
     self.compile_count = 0
     self._compiled = {}
     self._plans = {}
+
+  def set_weights(self, unet_params, vae_params, text_params):
+    """Places new weights (same shapes) on the mesh, replicated; compiled functions are kept."""
+    self.params = jax.device_put({'unet': unet_params, 'vae': vae_params, 'text': text_params},
+                                 jax.sharding.NamedSharding(self.mesh, P()))
 
   def tokenize(self, texts):
     """(N, max_length) int32 ids, padded and truncated as diffusers does (with a warning)."""

@@ -21,7 +21,8 @@ class Previewer:
     self.stage, self.config, self.mesh = stage, config, mesh
     self.folder = os.path.join(workdir, 'samples')
     self._sd = None
-    self._images = None
+    self._images = None  # a few training images, for the vae stage's reconstructions
+    self._reconstruct = None
 
   def preview(self, ema_params, frozen, step):
     if jax.process_index() != 0:
@@ -42,11 +43,8 @@ class Previewer:
     components = self.stage.components(ema_params, frozen)
     if self._sd is None:  # one pipeline: its compiled function is reused by every preview
       self._sd = pipeline.StableDiffusion(components, self.mesh)
-    else:  # new EMA weights, placed as the pipeline's compiled function expects them
-      self._sd.params = jax.device_put(
-          {'unet': components.unet[1], 'vae': components.vae[1],
-           'text': components.text_encoder[1]},
-          jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    else:
+      self._sd.set_weights(components.unet[1], components.vae[1], components.text_encoder[1])
     images = self._sd.generate(list(s.prompts), steps=s.steps, sampler=s.sampler,
                                guidance_scale=s.guidance, seed=0, height=self.config.data.resolution,
                                width=self.config.data.resolution)
@@ -54,10 +52,10 @@ class Previewer:
 
   def _vae(self, ema_params):
     """Originals over their reconstructions (posterior means)."""
-    vae = self.stage.vae
-    images = self._fixed_images()
-    fn = jax.jit(lambda p, x: vae.apply({'params': p}, x)[0])
-    rec = np.asarray(fn(ema_params['vae'], images))
+    vae, images = self.stage.vae, self._images
+    if self._reconstruct is None:  # compiled once, reused by every preview
+      self._reconstruct = jax.jit(lambda p, x: vae.apply({'params': p}, x)[0])
+    rec = np.asarray(self._reconstruct(ema_params['vae'], images))
     to_u8 = lambda x: np.clip((x + 1) * 127.5, 0, 255).round().astype(np.uint8)
     return outputs.make_grid(np.concatenate([to_u8(images), to_u8(rec)]), cols=len(images))
 
@@ -65,9 +63,6 @@ class Previewer:
     """Keeps a few training images to show the VAE's reconstructions of."""
     if self._images is None and 'image' in host_batch:
       self._images = np.asarray(host_batch['image'][:8])
-
-  def _fixed_images(self):
-    return self._images
 
 
 def latent_scaling_factor(vae, params, batches):

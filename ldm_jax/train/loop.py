@@ -64,7 +64,7 @@ def resolve_tokenizer(config, workdir):
   return tok
 
 
-def _place_initial(stage, tx, shardings, initial):
+def _place_initial(tx, shardings, initial):
   placed = jax.device_put(initial, shardings['params'])
   return jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=shardings)(placed)
 
@@ -94,7 +94,7 @@ def _restore_or_init(config, stage, tx, abstract, shardings, ckpt, loader, rng):
     return state
   if stage.initial is not None:
     logging.info('initialised from %s', config.init)
-    return _place_initial(stage, tx, shardings, stage.initial)
+    return _place_initial(tx, shardings, stage.initial)
   return jax.jit(lambda r: state_lib.init_state(stage.init_params(r), tx),
                  out_shardings=shardings)(rng)
 

@@ -247,3 +247,26 @@ def test_every_config_has_every_group(spec):
   reference = shapes_config.get_config('ldm')
   assert sorted(config.keys()) == sorted(reference.keys())
   assert config.stage in ('vae', 'ldm', 'clip')
+
+
+@pytest.mark.parametrize('trainable_text', [True, False])
+def test_precomputed_latents_train_like_images(data_dir, tmp_path, trainable_text):
+  """Same batches, dropped captions and loss from the encodings as from the images."""
+  from ldm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = small_config(data_dir, **{'data.caption_dropout': 0.5})
+  stage, _, params, _, tok = _stage_and_update(config)
+  if not trainable_text:  # frozen: its states are stored, and '' replaces the dropped ones
+    stage.train_text = False
+    stage.frozen['text_encoder'] = params.pop('text_encoder')
+    stage.empty_context = stage.encode_empty_caption()
+  data = pipeline.LoaderConfig.from_config(config.data, batch_size=8, shuffle=False)
+  images = next(pipeline.Loader(data, tok, 0, 1))
+  encoded = next(pipeline.Loader(stage.precompute(data, str(tmp_path)), tok, 0, 1))
+  assert 'image' not in encoded and ('context' in encoded) != trainable_text
+  np.testing.assert_array_equal(encoded['drop'], images['drop'])
+  assert 0 < images['drop'].sum() < 8
+  np.testing.assert_array_equal(encoded['input_ids'], images['input_ids'])
+  keys = step_lib.example_keys(jax.random.key(0), 0, 8)
+  want, _ = jax.jit(stage.loss)(params, stage.frozen, images, keys, 0)
+  got, _ = jax.jit(stage.loss)(params, stage.frozen, encoded, keys, 0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)

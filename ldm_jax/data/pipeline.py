@@ -46,7 +46,7 @@ class LoaderConfig:
   min_image_size: int = 0  # skip images whose shorter side is smaller (0: upsample them)
   skip_empty_captions: bool = False  # else they train the unconditional model
   max_length: int = 77  # tokens, the text encoder's context
-  precomputed: bool = False  # records hold VAE moments and text-encoder states
+  precomputed: bool = False  # records hold VAE moments (data.precompute), not images
 
   @classmethod
   def from_config(cls, data_config, **overrides):
@@ -95,20 +95,30 @@ def resize_crop(img, resolution, crop, rng):
 class ProcessRecord:
   """The per-record transform (picklable, so grain workers can run it)."""
 
-  def __init__(self, config, tokenizer):
-    self.config, self.tokenizer = config, tokenizer
+  def __init__(self, config, tokenizer, keep_captions=False):
+    self.config, self.tokenizer, self.keep_captions = config, tokenizer, keep_captions
+
+  def _tokenize(self, caption, drop):
+    ids, truncated = tokenizer_lib.tokenize(self.tokenizer, '' if drop else caption,
+                                            self.config.max_length)
+    return {'input_ids': ids[0], 'truncated': bool(truncated[0])}
 
   def __call__(self, record, rng):
     c = self.config
     drop = bool(rng.random() < c.caption_dropout)
     if c.precomputed:
-      return {'moments': record['moments'], 'context': record['context'], 'drop': drop,
-              'status': OK, 'truncated': False}
-    caption = record[c.caption_key]
-    caption = caption.decode('utf-8', 'replace') if isinstance(caption, bytes) else str(caption)
+      out = {'moments': record['moments'], 'drop': drop, 'status': OK, 'truncated': False}
+      if 'context' in record:  # a frozen text encoder's states (the step swaps dropped ones)
+        out['context'] = record['context']
+      if self.tokenizer is not None and 'caption' in record:
+        out |= self._tokenize(_text(record['caption']), drop)
+      return out
+    caption = _text(record[c.caption_key])
     out = {'image': np.zeros((c.resolution, c.resolution, 3), np.uint8),
            'input_ids': np.zeros((c.max_length,), np.int32), 'drop': drop, 'status': OK,
            'truncated': False}
+    if self.keep_captions:
+      out['caption'] = caption
     if c.skip_empty_captions and not caption.strip():
       return out | {'status': EMPTY_CAPTION}
     try:
@@ -120,9 +130,12 @@ class ProcessRecord:
     img = resize_crop(img, c.resolution, c.crop, rng)
     if c.flip and rng.random() < 0.5:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    ids, truncated = tokenizer_lib.tokenize(self.tokenizer, '' if drop else caption, c.max_length)
     # uint8 until the batch is formed: 4x less to move between worker processes.
-    return out | {'image': np.asarray(img, np.uint8), 'input_ids': ids[0], 'truncated': bool(truncated[0])}
+    return out | {'image': np.asarray(img, np.uint8)} | self._tokenize(caption, drop)
+
+
+def _text(value):
+  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
 class _Counter:
@@ -148,11 +161,13 @@ class Loader:
   """Batches for this host, forever (or `num_epochs`), with a checkpointable position.
 
   `next(loader)` is a dict of numpy arrays: 'image' (b, R, R, 3) float32 in [-1, 1] and
-  'input_ids' (b, max_length) int32, or 'moments' and 'context' when precomputed, plus 'drop'
-  (b,) bool (the caption was dropped). b = batch_size / process_count.
+  'input_ids' (b, max_length) int32, or 'moments' (and 'context' if stored, 'input_ids' given a
+  tokenizer) when precomputed, plus 'drop' (b,) bool (the caption was dropped) and, with
+  `keep_captions`, 'caption' (b,) str. b = batch_size / process_count.
   """
 
-  def __init__(self, config, tokenizer=None, process_index=None, process_count=None):
+  def __init__(self, config, tokenizer=None, process_index=None, process_count=None,
+               keep_captions=False):
     self.config = config
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -166,7 +181,7 @@ class Loader:
     ds = ds.seed(config.seed)
     if config.shuffle:
       ds = ds.shuffle()  # reshuffled each epoch by repeat()
-    ds = ds.repeat(config.num_epochs).random_map(ProcessRecord(config, tokenizer))
+    ds = ds.repeat(config.num_epochs).random_map(ProcessRecord(config, tokenizer, keep_captions))
     it = ds.to_iter_dataset()
     if config.worker_count > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)

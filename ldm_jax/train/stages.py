@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from ldm_jax import checkpoint
 from ldm_jax import convert
+from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.data import precompute
 from ldm_jax.diffusion import schedules
 from ldm_jax.models import build
 from ldm_jax.models import discriminator
@@ -92,6 +94,22 @@ class LDMStage:
                        f'{self.unet.config.out_channels} channels but the VAE has {latent} latent '
                        f'channels: set model.unet.in_channels/out_channels={latent}')
     self.frozen = self._load_frozen()
+    self.empty_context = None if self.train_text else self.encode_empty_caption()
+
+  def encode_empty_caption(self):
+    """The frozen text encoder's states of '': precomputed states of dropped captions become it."""
+    ids, _ = tokenizer_lib.tokenize(self.tokenizer, '', self.config.data.max_length)
+    return self.text_encoder.apply({'params': self.frozen['text_encoder']}, ids).last_hidden_state
+
+  def precompute(self, data_config, directory):
+    """Encodes the training data once with the frozen VAE (and frozen text encoder) into
+    `directory`, kept for a resumed run; returns the data config that reads it."""
+    if jax.process_count() > 1:
+      raise ValueError('precompute_latents runs in one process: encode the data first with '
+                       'ldm_jax.data.precompute on one host, then train with data.precomputed')
+    text = None if self.train_text else (self.text_encoder, self.frozen['text_encoder'])
+    return precompute.for_training(data_config, self.tokenizer, (self.vae, self.frozen['vae']),
+                                   text, directory)
 
   def _load_frozen(self):
     c = self.config
@@ -145,8 +163,8 @@ class LDMStage:
           self.vae.apply({'params': frozen['vae']}, batch['image'], method='encode'))
     latents = mean + jnp.exp(0.5 * logvar) * _normal(k_post, mean.shape[1:])
     latents = latents * self.vae.config.scaling_factor
-    if 'context' in batch:
-      context = batch['context']
+    if 'context' in batch and not self.train_text:  # precomputed; dropped captions get ''
+      context = jnp.where(batch['drop'][:, None, None], self.empty_context, batch['context'])
     else:
       context = self.text_encoder.apply({'params': self._text(params, frozen)},
                                         batch['input_ids']).last_hidden_state

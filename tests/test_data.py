@@ -265,6 +265,24 @@ def test_build_command(tmp_path, capsys):
   assert len(sources.data_source('shapes/s16_n10_h5_seed0', 'train', str(tmp_path))) == 10
 
 
+def test_centered_layout_has_one_object_at_the_center(tmp_path, capsys):
+  from ldm_jax.data import __main__ as cli  # pylint: disable=g-import-not-at-top
+  cli.main(['build', 'shapes', '--data_dir', str(tmp_path), '--num_train', '60',
+            '--num_holdout', '10', '--layout', 'centered'])
+  name = 'shapes/s32_n60_h10_seed0_centered'
+  assert f'built {name}' in capsys.readouterr().out
+  for split in ('train', 'holdout'):
+    for record in sources.data_source(name, split, str(tmp_path)):
+      colour, shape = record['colour'].decode(), record['shape'].decode()
+      assert record['num_shapes'] == 1 and shapes.is_holdout(colour, shape) == (split == 'holdout')
+      assert shapes_eval.read_image(record['image']) == (colour, shape)
+      background = np.all(record['image'] == record['image'][0, 0], axis=-1)
+      ys, xs = np.nonzero(~background)
+      assert abs(ys.mean() - 15.5) < 2.5 and abs(xs.mean() - 15.5) < 1, record['caption']
+  with pytest.raises(ValueError, match=r"unknown shapes layout 'grid'; choose one of"):
+    builders.build_shapes(str(tmp_path), layout='grid')
+
+
 class ToyCaptions(builders.tfds.core.GeneratorBasedBuilder):
   """A tfds dataset prepared by someone else, with its own key names (as coco_captions has)."""
   VERSION = builders.tfds.core.Version('1.0.0')

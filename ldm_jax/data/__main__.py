@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from ldm_jax.data import builders
+from ldm_jax.data import shapes as shapes_lib
 
 
 def main(argv=None):
@@ -17,6 +18,9 @@ def main(argv=None):
   shapes.add_argument('--num_train', type=int, default=2000)
   shapes.add_argument('--num_holdout', type=int, default=200)
   shapes.add_argument('--seed', type=int, default=0)
+  shapes.add_argument('--layout', default='scattered', choices=shapes_lib.LAYOUTS,
+                      help='scattered: nine positions, some two-object images; centered: one '
+                           'object at the center')
   folder = kinds.add_parser('folder', help='a folder of images with captions')
   folder.add_argument('--src', required=True, help='metadata.jsonl / metadata.csv / name.txt')
   folder.add_argument('--data_dir', required=True)
@@ -25,7 +29,7 @@ def main(argv=None):
 
   if args.kind == 'shapes':
     name = builders.build_shapes(args.data_dir, args.image_size, args.num_train,
-                                 args.num_holdout, args.seed)
+                                 args.num_holdout, args.seed, args.layout)
     print(f'built {name} in {args.data_dir}: splits train ({args.num_train}), holdout '
           f'({args.num_holdout}); train with --config.data.name={name}')
   else:

@@ -1,6 +1,7 @@
 """tensorflow-datasets builders (array_record, no TensorFlow needed): shapes and image folders.
 
   build_shapes(data_dir, image_size=32, num_train=2000) -> 'shapes/s32_n2000_h200_seed0'
+  (layout='centered' appends '_centered')
   build_folder(src, data_dir) -> 'image_folder/<folder name>'
 
 The returned name is what `sources.data_source(name, split, data_dir)` and the training config's
@@ -18,14 +19,16 @@ from ldm_jax.data import shapes as shapes_lib
 
 
 class ShapesConfig(tfds.core.BuilderConfig):
-  """Size and seed of a shapes build; the config name records them."""
+  """Size, seed and layout of a shapes build; the config name records them."""
 
-  def __init__(self, *, image_size=32, num_train=2000, num_holdout=200, seed=0):
-    super().__init__(name=f's{image_size}_n{num_train}_h{num_holdout}_seed{seed}',
+  def __init__(self, *, image_size=32, num_train=2000, num_holdout=200, seed=0,
+               layout='scattered'):
+    suffix = '' if layout == 'scattered' else f'_{layout}'
+    super().__init__(name=f's{image_size}_n{num_train}_h{num_holdout}_seed{seed}{suffix}',
                      version=tfds.core.Version('1.0.0'),
-                     description=f'{image_size}px shapes, seed {seed}')
-    self.image_size, self.num_train, self.num_holdout, self.seed = (
-        image_size, num_train, num_holdout, seed)
+                     description=f'{image_size}px shapes, seed {seed}, {layout}')
+    self.image_size, self.num_train, self.num_holdout, self.seed, self.layout = (
+        image_size, num_train, num_holdout, seed, layout)
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
@@ -53,7 +56,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, n):
     c = self.builder_config
     for i in range(n):
-      ex = shapes_lib.make_example(split, i, c.image_size, c.seed)
+      ex = shapes_lib.make_example(split, i, c.image_size, c.seed, layout=c.layout)
       yield i, {'image': ex.image, 'caption': ex.caption, 'colour': ex.shapes[0].colour,
                 'shape': ex.shapes[0].shape, 'background': ex.background,
                 'num_shapes': len(ex.shapes)}
@@ -93,10 +96,12 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         yield name, {'image': f.read(), 'caption': text, 'file_name': name}
 
 
-def build_shapes(data_dir, image_size=32, num_train=2000, num_holdout=200, seed=0):
+def build_shapes(data_dir, image_size=32, num_train=2000, num_holdout=200, seed=0,
+                 layout='scattered'):
   """Builds (or reuses) a shapes dataset; returns its name for `sources.data_source`."""
+  shapes_lib.make_example('train', 0, layout=layout)  # an unknown layout fails before tfds
   config = ShapesConfig(image_size=image_size, num_train=num_train, num_holdout=num_holdout,
-                        seed=seed)
+                        seed=seed, layout=layout)
   builder = Shapes(config=config, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
   return f'shapes/{config.name}'

@@ -96,10 +96,22 @@ def is_holdout(colour, shape):
   return (colour, shape) in HOLDOUT
 
 
-def make_example(split, index, image_size=32, seed=0, two_shape_prob=0.15):
-  """Example `index` of `split` ('train' or 'holdout'), drawn from its own seed."""
+LAYOUTS = ('scattered', 'centered')
+
+
+def make_example(split, index, image_size=32, seed=0, two_shape_prob=0.15, layout='scattered'):
+  """Example `index` of `split` ('train' or 'holdout'), drawn from its own seed.
+
+  `layout` 'scattered': one object (sometimes two, left and right, in train) at one of nine
+  positions; 'centered': one object at the center, small or large (the CPU demo's: colour and
+  shape are then all there is to learn).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown shapes layout {layout!r}; choose one of {LAYOUTS}')
   rng = np.random.default_rng([seed, {'train': 0, 'holdout': 1}[split], index])
   colours, n = list(COLOURS), 2 if split == 'train' and rng.random() < two_shape_prob else 1
+  if layout == 'centered':
+    n = 1
   while True:
     objects = []
     for k in range(n):
@@ -108,6 +120,8 @@ def make_example(split, index, image_size=32, seed=0, two_shape_prob=0.15):
       shape = str(rng.choice(SHAPES))
       size = 'small' if n == 2 else str(rng.choice(list(SIZES)))
       position = (('left', 'right')[k] if n == 2 else str(rng.choice(list(POSITIONS))))
+      if layout == 'centered':
+        position = 'center'
       objects.append(Shape(colour, shape, size, position))
     holdout = [is_holdout(o.colour, o.shape) for o in objects]
     if (split == 'holdout' and all(holdout)) or (split == 'train' and not any(holdout)):

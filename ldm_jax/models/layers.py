@@ -41,14 +41,49 @@ def dot_product_attention(q, k, v, *, impl='xla', mask=None, upcast=True):
   if impl != 'xla':
     raise ValueError(f'attention impl {impl!r} is not one of {ATTENTION_IMPLS}')
   # Scaling q before the product (rather than the logits after) is what PyTorch SDPA does.
+  q = q * jnp.asarray(scale, q.dtype)
   logits_dtype = jnp.float32 if upcast else q.dtype
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=logits_dtype)
+  chunk = _query_chunk(q.shape[1], k.shape[1]) if mask is None else q.shape[1]
+  if chunk == q.shape[1]:
+    return _xla_attention(q, k, v, mask, logits_dtype)
+  # (n, B, chunk, H, D): one loop iteration per chunk of query rows (see _query_chunk).
+  chunks = jnp.moveaxis(q.reshape((q.shape[0], -1, chunk) + q.shape[2:]), 1, 0)
+  # Rematerialised: the backward pass recomputes each chunk's logits rather than reading back
+  # all of them from memory (flash attention's trade), 20% faster on CPU (bench/NOTES.md).
+  attend = jax.checkpoint(lambda qc: _xla_attention(qc, k, v, None, logits_dtype))
+  out = jax.lax.map(attend, chunks)
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + v.shape[3:])
+
+
+# On CPU, attention over many keys is memory-bound: (B, H, Lq, Lk) float32 logits (64 MiB for
+# a 32x32 latent at batch 2) go through memory several times. Looping over chunks of query rows
+# keeps each chunk's logits near the caches; 64K logits per (example, head) measured fastest
+# (bench/NOTES.md). Accelerators keep the single einsum (their memory is fast, loops are not).
+CPU_QUERY_CHUNK_LOGITS = 1 << 16
+
+
+def _query_chunk(lq, lk):
+  """Query rows per chunk: all of them, or on CPU the largest divisor of lq within the budget."""
+  if jax.default_backend() != 'cpu' or lq * lk <= CPU_QUERY_CHUNK_LOGITS:
+    return lq
+  chunk = max(CPU_QUERY_CHUNK_LOGITS // lk, 1)
+  while lq % chunk:
+    chunk -= 1
+  return chunk
+
+
+def _xla_attention(q, k, v, mask, logits_dtype):
+  """Einsum attention of pre-scaled q; normalises after the value product (Lq x D, not Lq x Lk)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=logits_dtype)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   # Softmax in float32: bf16 softmax over 4096 keys loses most of its mass to rounding.
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  logits = logits.astype(jnp.float32)
+  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  out = jnp.einsum('bhqk,bkhd->bhqd', unnormalised.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = out / unnormalised.sum(axis=-1, keepdims=True)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -62,12 +97,22 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
-    y = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-    axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)  # spatial and channels-in-group
-    mean = y.mean(axis=axes, keepdims=True)
-    var = jnp.square(y - mean).mean(axis=axes, keepdims=True)
-    y = ((y - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    b, per_group = x.shape[0], c // self.num_groups
+    y = x.astype(jnp.float32).reshape(b, -1, c)  # (B, H*W, C)
+    count = y.shape[1] * per_group
+
+    def group_mean(channel_sums):  # (B, C) -> (B, 1, C): each channel gets its group's mean
+      sums = channel_sums.reshape(b, self.num_groups, per_group).sum(-1)
+      return jnp.repeat(sums / count, per_group, axis=-1)[:, None, :]
+
+    # Summing over the spatial axis first keeps the channels contiguous and vectorised: 2-3x
+    # faster than one reduction over (H, W, C/G) on XLA:CPU (bench/NOTES.md).
+    mean = group_mean(y.sum(axis=1))
+    var = group_mean(jnp.square(y - mean).sum(axis=1))
+    # The normalisation and the affine folded into one scale and shift per (example, channel).
+    a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    y = y * a + (bias.astype(jnp.float32) - mean * a)
+    return y.reshape(x.shape).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -229,6 +274,33 @@ class Attention(nn.Module):
     return dense(self.out_dim, name='to_out_0', **kw)(out)
 
 
+# What a rematerialised block keeps from its forward pass for the backward pass:
+#   'none': no remat (everything is kept), 'full': only the block's inputs (all is recomputed),
+#   'save_dots': also the outputs of matmuls without batch dimensions (the linear projections;
+#   not the attention logits, not convolutions), MaxText's usual compromise.
+REMAT_POLICIES = ('none', 'full', 'save_dots')
+
+
+def remat_policy(remat):
+  """The policy name for a config's `remat`: one of REMAT_POLICIES, or a bool (True: 'full').
+
+  Raises:
+    ValueError: an unknown name, listing the known ones.
+  """
+  if isinstance(remat, str) and remat.lower() in ('true', 'false'):  # --config.model.remat=True
+    remat = remat.lower() == 'true'
+  if isinstance(remat, bool):  # configs and checkpoints from before the policies
+    return 'full' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat {remat!r} is not one of {REMAT_POLICIES} (or True/False)')
+  return remat
+
+
 def maybe_remat(module_cls, remat):
-  """`nn.remat(module_cls)` when the config asks for rematerialisation, the class itself otherwise."""
-  return nn.remat(module_cls) if remat else module_cls
+  """`module_cls` under `nn.remat` with the policy `remat` names; the class itself for 'none'."""
+  policy = remat_policy(remat)
+  if policy == 'none':
+    return module_cls
+  saveable = {'full': None,
+              'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+  return nn.remat(module_cls, policy=saveable)

@@ -15,7 +15,7 @@ def model(preset):
       'dtype': 'float32',  # compute dtype; 'bfloat16' on accelerators
       'param_dtype': 'float32',  # storage dtype (master weights)
       'attention_impl': 'xla',  # 'xla', 'jax' or 'cudnn' (flash attention on GPU)
-      'remat': False,  # rematerialise each block in the backward pass
+      'remat': 'none',  # 'none', 'full' or 'save_dots': what each block keeps for the backward
       'unet': {}, 'vae': {}, 'text_encoder': {},
   })
 
@@ -37,6 +37,7 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   c.init = ''  # a diffusers folder to start from (load_diffusers)
   c.resume = ''  # another run's workdir or checkpoints directory to take the state from
   c.vae_workdir = ''  # ldm stage: the frozen VAE from a vae-stage run (its EMA weights)
+  c.precompute_latents = False  # ldm stage: encode the data once into <workdir>/precomputed
   c.allow_random_vae = False  # ldm stage without a trained VAE: smoke tests only
   c.tokenizer = ''  # a tokenizer folder, 'shapes', or '' for the init folder's
   c.text_encoder = ml_collections.ConfigDict({
@@ -72,7 +73,14 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
       'clip_norm': 1.0, 'grad_accum': 1,
   })
   c.ema = ml_collections.ConfigDict({'decay': 0.9999, 'warmup': True, 'start_step': 0})
-  c.mesh = [('data', -1), ('fsdp', 1)]
+  c.mesh = (('data', -1), ('fsdp', 1))  # a tuple: --config.mesh="(('data', -1), ('fsdp', 8))"
+  c.distributed = ml_collections.ConfigDict({  # multi-host runs (README: Multi-host and FSDP)
+      'coordinator_address': '',  # 'host:port' of process 0; '': a single process
+      'num_processes': 1, 'process_id': 0,  # with coordinator_address: who this process is
+      'auto': False,  # let JAX find the above itself: TPU pods, SLURM, Open MPI
+      'initialization_timeout': 300,  # seconds to wait for every process to join
+      'cpu_collectives': 'gloo',  # cross-process collectives of the CPU backend
+  })
   c.sharding = ml_collections.ConfigDict({
       # (regex over 'params/unet/down_blocks_0/...' paths, 'replicate' | 'fsdp' | axis tuple)
       'rules': [('.*', 'fsdp')],  # with fsdp=1 this replicates everything
@@ -95,7 +103,7 @@ def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
   c = training('ldm', preset, 'image_folder/my_images', 'data', resolution=resolution,
                batch_size=64)
   c.model.dtype = 'bfloat16'  # float32 master weights (param_dtype), bf16 compute
-  c.model.remat = True  # rematerialise blocks: SD-size activations do not fit otherwise
+  c.model.remat = 'full'  # recompute each block in the backward: SD activations do not fit
   c.diffusion.prediction_type = prediction_type  # from scratch; fine-tuning uses the init folder's
   c.data.crop = 'random'
   c.data.flip = True
@@ -112,7 +120,7 @@ def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
   if 'runlocal' in args:  # the whole loop in seconds on CPU
     c.model.preset = 'tiny'
     c.model.dtype = 'float32'
-    c.model.remat = False
+    c.model.remat = 'none'
     c.init = ''
     c.allow_random_vae = True
     c.tokenizer = 'shapes'

@@ -2,14 +2,67 @@
 
 Resume order (see `train.loop`): the workdir's latest checkpoint, then `config.resume` (another
 run's checkpoint directory), then `config.init` (a diffusers folder), then from scratch.
+
+With several processes, every process calls save and restore: each writes and reads its own
+shards of the state and its own data position; process 0 writes the config.
 """
 
+import dataclasses
+import json
+import logging
 import os
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 _ITEMS = ('state', 'data', 'config')
+
+
+def _process_file():
+  return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+
+class _PerProcessJsonHandler(ocp.CheckpointHandler):
+  """One JSON file per process (`process_<i>-of-<n>.json`): every host's own data position."""
+
+  def save(self, directory, args):
+    (directory / _process_file()).write_text(json.dumps(args.item))
+
+  def restore(self, directory, args=None):
+    """This process's item; None when the checkpoint was written by another number of processes."""
+    del args
+    path = directory / _process_file()
+    legacy = directory / 'metadata'  # one process, before per-process files (orbax JsonSave)
+    if not path.exists() and jax.process_count() == 1 and legacy.exists():
+      path = legacy
+    if not path.exists():
+      logging.warning('%s holds no data position for process %d of %d (written by another number '
+                      'of processes?): the data starts over', directory, jax.process_index(),
+                      jax.process_count())
+      return None
+    return json.loads(path.read_text())
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class PerProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_PerProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class PerProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 class Checkpointer:
@@ -26,13 +79,13 @@ class Checkpointer:
 
   def save(self, step, state, data_state, config_dict):
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(state), data=PerProcessJsonSave(data_state),
         config=ocp.args.JsonSave(config_dict)), force=True)
 
   def restore(self, step, abstract_state):
-    """(state placed like `abstract_state`'s shardings, data state, config dict)."""
+    """(state placed like `abstract_state`'s shardings, this process's data state or None, config)."""
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(abstract_state), data=PerProcessJsonRestore(),
         config=ocp.args.JsonRestore()))
     return out['state'], out['data'], out['config']
 
@@ -68,12 +121,19 @@ def read_checkpoint(path, item='state', step=None):
   if directory is None:
     raise FileNotFoundError(f'no checkpoint under {path!r}: train there first (python train.py '
                             f'--workdir {path} ...)')
-  manager = ocp.CheckpointManager(directory, item_names=_ITEMS)
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      'state': ocp.StandardCheckpointHandler(), 'data': _PerProcessJsonHandler(),
+      'config': ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
-  args = {'state': ocp.args.StandardRestore(), 'data': ocp.args.JsonRestore(),
-          'config': ocp.args.JsonRestore()}[item]
+  if item == 'state':  # onto this process's first device, whatever devices wrote it
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step)['state'])
+    args = ocp.args.StandardRestore(target)
+  else:
+    args = {'data': PerProcessJsonRestore(), 'config': ocp.args.JsonRestore()}[item]
   restored = manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
   manager.close()
   if item == 'state':
-    restored = jax.tree.map(lambda x: jax.device_get(x), restored)
+    restored = jax.device_get(restored)
   return step, restored

@@ -42,7 +42,10 @@ def path_string(path):
   return '/'.join(parts)
 
 
-def fsdp_spec(shape, fsdp_size, min_size=2 ** 12):
+FSDP_MIN_SIZE = 2 ** 12  # elements: smaller arrays (biases, norms) stay replicated
+
+
+def fsdp_spec(shape, fsdp_size, min_size=FSDP_MIN_SIZE):
   """Shards the largest dimension divisible by the fsdp size; small arrays stay replicated."""
   if fsdp_size == 1 or int(np.prod(shape)) < min_size:
     return P()
@@ -96,6 +99,19 @@ def put_batch(batch, mesh):
                       batch)
 
 
+def put_host_tree(tree, shardings):
+  """Global arrays from a tree every process holds whole (the same weights on every host).
+
+  Each process places only its own devices' shards; `jax.device_put` would also compare the
+  values across hosts, a full all-gather of every weight.
+  """
+  def one(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  return jax.tree.map(one, tree, shardings)
+
+
 def sharded_bytes(tree):
   """(total bytes, bytes on the first device) of a tree of placed arrays or abstract leaves."""
   total = per_device = 0
@@ -106,3 +122,35 @@ def sharded_bytes(tree):
     shard = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
     per_device += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
   return total, per_device
+
+
+def check_fsdp_sharded(tree, mesh, max_replicated=0.05):
+  """Fails when FSDP is on (mesh `fsdp` > 1) and large leaves that stay replicated hold more than
+  `max_replicated` of `tree`'s bytes.
+
+  Leaves under FSDP_MIN_SIZE elements (biases, norms) stay replicated by design; a large leaf
+  that no rule shards, or none of whose dimensions the fsdp size divides, is what this catches.
+
+  Returns:
+    The fraction of the bytes that is sharded (1.0 without FSDP).
+
+  Raises:
+    ValueError: with the fraction and the largest replicated leaves.
+  """
+  total, replicated = 0, []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    total += nbytes
+    if leaf.sharding.is_fully_replicated:
+      replicated.append((nbytes, int(np.prod(leaf.shape)) >= FSDP_MIN_SIZE, path_string(path)))
+  if mesh.shape.get('fsdp', 1) == 1:
+    return 1.0
+  large = sum(n for n, big, _ in replicated if big) / max(total, 1)
+  if large > max_replicated:
+    names = ', '.join(f'{name} ({n / 2 ** 20:.1f} MB)'
+                      for n, _, name in sorted(r for r in replicated if r[1])[-5:])
+    raise ValueError(f'FSDP over {mesh.shape["fsdp"]} devices leaves {large:.1%} of the state\'s '
+                     f'bytes in large replicated arrays (at most {max_replicated:.0%} allowed): '
+                     f'{names}. Add sharding.rules for them or pick an fsdp size that divides '
+                     'their dimensions')
+  return 1 - sum(n for n, _, _ in replicated) / max(total, 1)

@@ -27,9 +27,10 @@ class ImageEncoderConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
-  remat: bool = False
+  remat: Any = 'none'  # per encoder layer: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', layers.remat_policy(self.remat))
     layers.activation(self.hidden_act)  # fails early on an unknown activation
     if self.image_size % self.patch_size:
       raise ValueError(f'image_size {self.image_size} is not divisible by patch_size '

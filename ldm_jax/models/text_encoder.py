@@ -36,9 +36,10 @@ class TextEncoderConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
-  remat: bool = False
+  remat: Any = 'none'  # per encoder layer: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', layers.remat_policy(self.remat))
     layers.activation(self.hidden_act)  # fails early on an unknown activation
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '

@@ -63,9 +63,10 @@ class UNetConfig:
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
   attention_impl: str = 'xla'  # see layers.dot_product_attention
-  remat: bool = False  # rematerialise each ResNet and Transformer2D block in the backward pass
+  remat: Any = 'none'  # per ResNet and Transformer2D block: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', layers.remat_policy(self.remat))
     n = len(self.block_out_channels)
     for name in ('layers_per_block', 'transformer_layers_per_block', 'num_attention_heads'):
       object.__setattr__(self, name, config_io.as_tuple(getattr(self, name), n))

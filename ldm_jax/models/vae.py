@@ -39,9 +39,10 @@ class VAEConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
-  remat: bool = False
+  remat: Any = 'none'  # per ResNet block: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):
+    object.__setattr__(self, 'remat', layers.remat_policy(self.remat))
     object.__setattr__(self, 'block_out_channels', tuple(self.block_out_channels))
     for c in self.block_out_channels:
       if c % self.norm_num_groups:

@@ -9,23 +9,33 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax import convert
+from ldm_jax import distributed
+from ldm_jax import sharding
 from ldm_jax.convert import diffusers as convert_diffusers
 from ldm_jax.diffusion import outputs
 from ldm_jax.diffusion import pipeline
 
 
 class Previewer:
-  """Writes `<workdir>/samples/step_XXXXXX.png` from the EMA parameters (process 0 only)."""
+  """Writes `<workdir>/samples/step_XXXXXX.png` from the EMA parameters (process 0 only).
+
+  With several processes, process 0 samples alone on its own devices from gathered weights:
+  the sampling pipeline is single-host code.
+  """
 
   def __init__(self, stage, config, workdir, mesh):
-    self.stage, self.config, self.mesh = stage, config, mesh
+    self.stage, self.config = stage, config
+    self.mesh = mesh if jax.process_count() == 1 else sharding.make_mesh([('data', -1)],
+                                                                         jax.local_devices())
     self.folder = os.path.join(workdir, 'samples')
     self._sd = None
     self._images = None  # a few training images, for the vae stage's reconstructions
     self._reconstruct = None
 
   def preview(self, ema_params, frozen, step):
-    if jax.process_index() != 0:
+    """Every process calls this (the weights are gathered); process 0 writes the grid."""
+    ema_params, frozen = distributed.to_host((ema_params, frozen))
+    if not distributed.is_main():
       return
     os.makedirs(self.folder, exist_ok=True)
     if self.stage.name == 'ldm':

@@ -1,9 +1,12 @@
-"""The update step: loss, gradients (optionally accumulated), AdamW, EMA, and the step's metrics.
+"""The update step: loss, gradients (optionally accumulated), AdamW, EMA, the step's metrics, and
+its ahead-of-time compilation with a memory check.
 
 Written for one global device (no pmap, no pmean): `jax.jit` with shardings partitions it.
 Randomness is per example (`fold_in(rng, example index)`), so a step over a batch of 2b equals
 two accumulated micro-steps of b.
 """
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -64,3 +67,54 @@ def make_update_fn(loss_fn, tx, ema, grad_accum=1, lr_schedule=None):
     return new_state, metrics
 
   return update
+
+
+class OutOfMemoryError(RuntimeError):
+  """The compiled step needs more device memory than the device has (the message has both)."""
+
+
+def compile_ahead(jitted, *args, compiler_options=None):
+  """Compiles `jitted` for `args` before anything runs, logs its memory and checks that it fits.
+
+  Args:
+    jitted: a `jax.jit`-wrapped function with its shardings.
+    *args: its arguments: arrays, or `jax.ShapeDtypeStruct`s with shardings (nothing is
+      allocated, so a model too big for the host can still be checked).
+    compiler_options: XLA options for `.compile()` (tests make CPU compiles cheaper with them).
+
+  Returns:
+    (the compiled function, its memory needs: a dict of bytes per device).
+
+  Raises:
+    OutOfMemoryError: the device reports its memory and the step needs more.
+  """
+  compiled = jitted.lower(*args).compile(compiler_options)
+  memory = memory_needs(compiled)
+  limit = device_memory_limit()
+  logging.info('compiled step, per device: %s; the device has %s',
+               ', '.join(f'{k} {v / 2 ** 30:.2f} GiB' for k, v in memory.items()),
+               'no reported limit' if limit is None else f'{limit / 2 ** 30:.2f} GiB')
+  if limit is not None and memory['total'] > limit:
+    raise OutOfMemoryError(
+        f'the train step needs {memory["total"] / 2 ** 30:.2f} GiB per device (arguments '
+        f'{memory["arguments"] / 2 ** 30:.2f}, new outputs {memory["outputs"] / 2 ** 30:.2f}, '
+        f'temporaries {memory["temporaries"] / 2 ** 30:.2f}) but the device has '
+        f'{limit / 2 ** 30:.2f} GiB: lower data.batch_size, raise optim.grad_accum, set '
+        "model.remat='full', or shard over more devices (mesh fsdp)")
+  return compiled, memory
+
+
+def memory_needs(compiled):
+  """Bytes per device of a compiled function (XLA's memory analysis); donated buffers count once."""
+  stats = compiled.memory_analysis()
+  memory = {'arguments': stats.argument_size_in_bytes,
+            'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
+            'temporaries': stats.temp_size_in_bytes, 'code': stats.generated_code_size_in_bytes}
+  memory['total'] = sum(memory.values())
+  return memory
+
+
+def device_memory_limit():
+  """The first local device's memory in bytes, or None where the backend does not say (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return stats.get('bytes_limit') if stats else None

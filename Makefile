@@ -27,7 +27,7 @@ test: $(TESTING)
 # (with a jointly trained text encoder) on CPU, sample every colour/shape combination (held-out
 # ones included) into $(DEMO)/samples and print the prompt fidelity read back from the pixels.
 demo: $(RUNTIME)
-	$(PY) -m ldm_jax.data build shapes --data_dir data --image_size 32 --num_train 4000
+	$(PY) -m ldm_jax.data build shapes --data_dir data --image_size 32 --num_train 4000 --layout centered
 	$(PY) train.py --config configs/shapes.py:vae --workdir $(DEMO)/vae
 	$(PY) train.py --config configs/shapes.py:ldm --workdir $(DEMO)/ldm --config.vae_workdir=$(DEMO)/vae
 	$(PY) -m ldm_jax.evaluation.shapes --write_prompts $(DEMO)/prompts.txt --per_combination 4

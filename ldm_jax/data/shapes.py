@@ -28,6 +28,9 @@ POSITIONS = {  # name -> (x, y) centre as a fraction of the image, and the capti
     'bottom right': ((0.7, 0.7), 'in the bottom right corner'),
 }
 SIZES = {'small': 0.18, 'large': 0.26}  # radius as a fraction of the image side
+# The centered layout's objects are larger: nothing else shares the image, and at 32 px a small
+# square's corners (or a triangle's) are then still visible after a VAE's blur.
+CENTERED_SIZES = {'small': 0.24, 'large': 0.34}
 _SUPERSAMPLE = 4  # draw at 4x and downsample: smooth, antialiased edges
 
 
@@ -47,14 +50,18 @@ class Example:
   shapes: tuple  # of Shape
 
 
-def render(objects, background, image_size):
-  """Draws `objects` (Shapes) on a `background` colour; returns (S, S, 3) uint8."""
+def render(objects, background, image_size, sizes=None):
+  """Draws `objects` (Shapes) on a `background` colour; returns (S, S, 3) uint8.
+
+  `sizes` maps size names to radii as fractions of the side (SIZES by default).
+  """
+  sizes = SIZES if sizes is None else sizes
   big = image_size * _SUPERSAMPLE
   img = Image.new('RGB', (big, big), COLOURS[background])
   draw = ImageDraw.Draw(img)
   for obj in objects:
     (fx, fy), _ = POSITIONS[obj.position]
-    cx, cy, r = fx * big, fy * big, SIZES[obj.size] * big
+    cx, cy, r = fx * big, fy * big, sizes[obj.size] * big
     colour = COLOURS[obj.colour]
     if obj.shape == 'circle':
       draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -103,8 +110,8 @@ def make_example(split, index, image_size=32, seed=0, two_shape_prob=0.15, layou
   """Example `index` of `split` ('train' or 'holdout'), drawn from its own seed.
 
   `layout` 'scattered': one object (sometimes two, left and right, in train) at one of nine
-  positions; 'centered': one object at the center, small or large (the CPU demo's: colour and
-  shape are then all there is to learn).
+  positions; 'centered': one larger object (CENTERED_SIZES) at the center, the CPU demo's:
+  colour and shape are then all there is to learn.
   """
   if layout not in LAYOUTS:
     raise ValueError(f'unknown shapes layout {layout!r}; choose one of {LAYOUTS}')
@@ -127,5 +134,6 @@ def make_example(split, index, image_size=32, seed=0, two_shape_prob=0.15, layou
     if (split == 'holdout' and all(holdout)) or (split == 'train' and not any(holdout)):
       break
   background = str(rng.choice([c for c in colours if c not in {o.colour for o in objects}]))
-  return Example(render(objects, background, image_size), caption(objects, background, rng),
+  sizes = CENTERED_SIZES if layout == 'centered' else SIZES
+  return Example(render(objects, background, image_size, sizes), caption(objects, background, rng),
                  background, tuple(objects))

@@ -119,8 +119,10 @@ def _log_setup(abstract, mesh):
                  sum(np.prod(x.shape) for x in jax.tree.leaves(tree)) / 1e6)
   for name, (total, per_device) in state_bytes(abstract).items():
     logging.info('%s: %.1f MB, %.1f MB per device', name, total / 2 ** 20, per_device / 2 ** 20)
-  logging.info('%.1f%% of the state\'s bytes are sharded over %s', 100 *
-               sharding.check_fsdp_sharded(abstract, mesh), dict(mesh.shape))
+  sharded = sharding.check_fsdp_sharded(abstract, mesh)  # raises if FSDP leaves large arrays
+  if mesh.shape.get('fsdp', 1) > 1:
+    logging.info('%.1f%% of the state\'s bytes are sharded over %s', 100 * sharded,
+                 dict(mesh.shape))
 
 
 def make_step(config, stage, tx, lr_schedule, mesh, rng):

@@ -137,14 +137,14 @@ def check_fsdp_sharded(tree, mesh, max_replicated=0.05):
   Raises:
     ValueError: with the fraction and the largest replicated leaves.
   """
+  if mesh.shape.get('fsdp', 1) == 1:
+    return 1.0
   total, replicated = 0, []
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     total += nbytes
     if leaf.sharding.is_fully_replicated:
       replicated.append((nbytes, int(np.prod(leaf.shape)) >= FSDP_MIN_SIZE, path_string(path)))
-  if mesh.shape.get('fsdp', 1) == 1:
-    return 1.0
   large = sum(n for n, big, _ in replicated if big) / max(total, 1)
   if large > max_replicated:
     names = ', '.join(f'{name} ({n / 2 ** 20:.1f} MB)'

@@ -33,8 +33,8 @@ class Previewer:
     self._reconstruct = None
 
   def preview(self, ema_params, frozen, step):
-    """Every process calls this (the weights are gathered); process 0 writes the grid."""
-    ema_params, frozen = distributed.to_host((ema_params, frozen))
+    """Every process calls this (the EMA weights are gathered); process 0 writes the grid."""
+    ema_params, frozen = distributed.to_host(ema_params), host_frozen(self.stage, frozen)
     if not distributed.is_main():
       return
     os.makedirs(self.folder, exist_ok=True)
@@ -81,6 +81,12 @@ def latent_scaling_factor(vae, params, batches):
   encode = jax.jit(lambda p, x: vae.apply({'params': p}, x, method='encode')[0])
   means = np.concatenate([np.asarray(encode(params, b['image'])).ravel() for b in batches])
   return float(1.0 / means.std())
+
+
+def host_frozen(stage, frozen):
+  """The frozen weights for process 0's previews and export: the placed ones with one process;
+  with several, the host copy every process still holds (no gather: they never change)."""
+  return frozen if jax.process_count() == 1 else stage.frozen
 
 
 def export(stage, ema_params, frozen, path, loader=None):

@@ -219,7 +219,8 @@ def train(config, workdir):
     ckpt.close()
     log.close()
   if done == config.num_steps:
-    ema_params, frozen = distributed.to_host((state['ema_params'], frozen))  # every process
+    ema_params = distributed.to_host(state['ema_params'])  # every process takes part
+    frozen = export.host_frozen(stage, frozen)
     if distributed.is_main():
       export.export(stage, jax.device_get(ema_params), jax.device_get(frozen),
                     os.path.join(workdir, 'export'), loader)

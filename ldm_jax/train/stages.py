@@ -6,6 +6,7 @@ fixed parameters), `loss(params, frozen, batch, keys, step) -> (loss, metrics)` 
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -94,7 +95,14 @@ class LDMStage:
                        f'{self.unet.config.out_channels} channels but the VAE has {latent} latent '
                        f'channels: set model.unet.in_channels/out_channels={latent}')
     self.frozen = self._load_frozen()
-    self.empty_context = None if self.train_text else self.encode_empty_caption()
+
+  @functools.cached_property
+  def empty_context(self):
+    """A frozen encoder's states of '' (precomputed states of dropped captions become these),
+    computed on first use (only runs from precomputed text states need them). First use is while
+    the loss is traced: evaluated eagerly, so that a concrete array, not a tracer, is kept."""
+    with jax.ensure_compile_time_eval():
+      return self.encode_empty_caption()
 
   def encode_empty_caption(self):
     """The frozen text encoder's states of '': precomputed states of dropped captions become it."""

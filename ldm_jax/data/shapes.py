@@ -66,7 +66,7 @@ def render(objects, background, image_size, sizes=None):
     if obj.shape == 'circle':
       draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif obj.shape == 'square':
-      s = r * 0.9  # equal area-ish to the circle: the square should not look bigger
+      s = r  # the circle's bounding box: at 32 px its corners are what tells it from a circle
       draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=colour)
     else:  # an upright equilateral-ish triangle inscribed in the circle
       draw.polygon([(cx, cy - r), (cx - r * 0.95, cy + r * 0.75), (cx + r * 0.95, cy + r * 0.75)],

@@ -15,6 +15,7 @@ from absl import logging
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from ldm_jax import cli_logging
 from ldm_jax import convert
 from ldm_jax import sampling_cli
 from ldm_jax.diffusion import pipeline
@@ -62,7 +63,7 @@ def _request():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: quote prompts, --prompt "a b c"')
-  logging.set_verbosity(logging.INFO)
+  cli_logging.setup()
 
   # Setup: check everything before the (slow) weight loading.
   try:

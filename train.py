@@ -4,7 +4,6 @@ Every config's docstring holds its own commands. `--config.a.b=v` overrides a va
 keys are refused. The run resumes from the workdir's latest checkpoint when there is one.
 """
 
-import logging as logging_std
 import sys
 
 from absl import app
@@ -12,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ldm_jax import cli_logging
 from ldm_jax import config_check
 from ldm_jax.train import loop
 
@@ -21,19 +21,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and sam
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and tfds (every save logs a dozen lines); warnings stay."""
-
-  def filter(self, record):
-    noisy = ('/orbax/', '/tensorflow_datasets/', '/grain/')
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli_logging.setup()
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
   except loop.NonFiniteLossError as e:

@@ -38,7 +38,8 @@ def _config(name, data_dir, **kw):
 def test_shapes_build_is_deterministic(shapes_dir, tmp_path):
   data_dir, name = shapes_dir
   builders.build_shapes(str(tmp_path), image_size=32, num_train=240, num_holdout=40)
-  files = lambda d: sorted(glob.glob(os.path.join(d, name, str(builders.Shapes.VERSION), '*.array_record*')))
+  version = str(builders.Shapes.VERSION)
+  files = lambda d: sorted(glob.glob(os.path.join(d, name, version, '*.array_record*')))
   ours, again = files(data_dir), files(str(tmp_path))
   assert len(ours) >= 2 and [os.path.basename(f) for f in ours] == [os.path.basename(f) for f in again]
   for a, b in zip(ours, again):

@@ -271,4 +271,4 @@ def test_precomputed_latents_train_like_images(data_dir, tmp_path, trainable_tex
   got, _ = jax.jit(stage.loss)(params, stage.frozen, encoded, keys, 0)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   if not trainable_text:  # computed while tracing, kept as a concrete array (not a tracer)
-    assert np.asarray(stage.empty_context).shape == (1, 77, 64)
+    assert np.asarray(stage.empty_context).shape == (1, config.data.max_length, 64)

@@ -19,7 +19,8 @@ from ldm_jax.data import shapes as shapes_lib
 
 
 # 1.1.0: squares fill the circle's bounding box (0.9 of it before): at 32 px their corners are
-# what tells them from circles. Data built by an older version is not read: build it again.
+# what tells them from circles. Building again adds a 1.1.0 folder beside an older one, and
+# `sources.data_source` reads the newest version there.
 _SHAPES_VERSION = tfds.core.Version('1.1.0')
 
 

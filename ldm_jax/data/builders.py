@@ -18,9 +18,8 @@ from ldm_jax.data import folder as folder_lib
 from ldm_jax.data import shapes as shapes_lib
 
 
-# 1.1.0: squares fill the circle's bounding box (0.9 of it before): at 32 px their corners are
-# what tells them from circles. Building again adds a 1.1.0 folder beside an older one, and
-# `sources.data_source` reads the newest version there.
+# What changed is in Shapes.RELEASE_NOTES. Building again adds the new version's folder beside
+# an older one, and `sources.data_source` reads the newest version there.
 _SHAPES_VERSION = tfds.core.Version('1.1.0')
 
 
@@ -40,7 +39,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with captions; `holdout` has colour/shape pairs that `train` lacks."""
   VERSION = _SHAPES_VERSION
-  RELEASE_NOTES = {'1.1.0': "Squares fill the circle's bounding box (were 0.9 of it).",
+  RELEASE_NOTES = {'1.1.0': "Squares fill the circle's bounding box (were 0.9 of it): at 32 px "
+                            'their corners are what tells them from circles.',
                    '1.0.0': 'First release.'}
   BUILDER_CONFIGS = [ShapesConfig()]
 

@@ -20,7 +20,7 @@ def data_source(name, split, data_dir):
   folder = os.path.join(data_dir, *name.split('/'))
   if os.path.isdir(folder):
     versions = sorted((v for v in os.listdir(folder) if _is_version(v)),
-                      key=lambda v: tuple(int(p) for p in v.split('.')))  # 1.10.0 > 1.9.0
+                      key=tfds.core.Version)  # by number: 1.10.0 after 1.9.0
     if not versions:
       raise FileNotFoundError(f'{folder} holds no prepared version of {name!r}; rebuild it')
     builder = tfds.builder_from_directory(os.path.join(folder, versions[-1]))

@@ -4,7 +4,7 @@
 
 64x64: the shapes dataset (raw pixel records, no decoding). 512x512: a folder of 640x512 JPEGs
 (decode, resize the shorter side, crop, flip, tokenize). Both tokenize with a CLIP-format BPE
-tokenizer built from the captions (ldm_jax.tokenizer.build_caption_tokenizer).
+tokenizer built from the captions (ldm_jax.tokenizer.build.build_caption_tokenizer).
 """
 
 import argparse
@@ -20,6 +20,7 @@ from PIL import Image
 from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
+from ldm_jax.tokenizer import build as tokenizer_build
 
 
 def _jpeg_folder(root, n, rng):
@@ -61,7 +62,7 @@ def main():
   captions = ['a photo of a gradient number with some noise', 'a small red circle on a blue '
               'background in the top left corner']
   tok = tokenizer_lib.load_tokenizer(
-      tokenizer_lib.build_caption_tokenizer(captions, os.path.join(work, 'tok')))
+      tokenizer_build.build_caption_tokenizer(captions, os.path.join(work, 'tok')))
   rows = []
   for name, res in ((shapes_name, 64), (folder_name, 512)):
     for workers in (0, 2):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.tokenizer import build as tokenizer_build
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
 from ldm_jax.data import shapes
@@ -21,7 +22,7 @@ from ldm_jax.evaluation import shapes as shapes_eval
 def tok(tmp_path_factory):
   """A CLIP-format tokenizer over the shapes vocabulary (other words split into characters)."""
   words = list(shapes.COLOURS) + list(shapes.SHAPES) + ['a', 'on', 'background', 'image', 'word']
-  folder = tokenizer_lib.build_caption_tokenizer([' '.join(words)], tmp_path_factory.mktemp('tok'))
+  folder = tokenizer_build.build_caption_tokenizer([' '.join(words)], tmp_path_factory.mktemp('tok'))
   return tokenizer_lib.load_tokenizer(folder)
 
 

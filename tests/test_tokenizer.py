@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from ldm_jax import tokenizer
+from ldm_jax.tokenizer import __main__ as tokenizer_cli
+from ldm_jax.tokenizer import build as tokenizer_build
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 ASTRONAUT = [49406, 550, 18376, 6765, 320, 4558, 525, 518, 3293, 256, 49407]
@@ -32,7 +34,7 @@ def clip_dir(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('clip')
   try:
-    return tokenizer.build_clip_tokenizer(root / 'tokenizer', wheel_dir=root / 'wheels')
+    return tokenizer_build.build_clip_tokenizer(root / 'tokenizer', wheel_dir=root / 'wheels')
   except RuntimeError as e:
     error = str(e)  # failed outside the except block, so pytest shows pip's output only once
   pytest.fail(f'building the CLIP tokenizer needs network access to PyPI:\n{error}', pytrace=False)
@@ -67,14 +69,14 @@ def _varied_captions(n, seed=0):
 
 
 def test_canonical_ids(clip):
-  assert len(clip) == tokenizer.CLIP_VOCAB_SIZE
+  assert len(clip) == tokenizer_build.CLIP_VOCAB_SIZE
   assert clip('a photo of a cat')['input_ids'] == CAT
   assert clip('An astronaut riding a horse on the Moon!')['input_ids'] == ASTRONAUT
 
 
 def test_build_is_cached(clip_dir):
   before = {p.name: p.stat().st_mtime_ns for p in clip_dir.iterdir()}
-  assert tokenizer.build_clip_tokenizer(clip_dir) == clip_dir  # no download, no rewrite
+  assert tokenizer_build.build_clip_tokenizer(clip_dir) == clip_dir  # no download, no rewrite
   assert {p.name: p.stat().st_mtime_ns for p in clip_dir.iterdir()} == before
 
 
@@ -138,8 +140,8 @@ def test_matches_instant_clip_tokenizer(clip):
 
 def test_caption_tokenizer_one_token_per_word(tmp_path):
   captions = SHAPE_CAPTIONS + ODD_CAPTIONS + ['top-left, 3.5']
-  caption_tokenizer = tokenizer.load_tokenizer(tokenizer.build_caption_tokenizer(captions,
-                                                                                 tmp_path))
+  caption_tokenizer = tokenizer.load_tokenizer(
+      tokenizer_build.build_caption_tokenizer(captions, tmp_path))
   for word in ' '.join(SHAPE_CAPTIONS + ODD_CAPTIONS).lower().split():
     assert len(caption_tokenizer.tokenize(word)) == 1, (word, caption_tokenizer.tokenize(word))
   # Punctuation runs are words too; numbers split into digits, as in CLIP.
@@ -156,7 +158,7 @@ def test_caption_tokenizer_one_token_per_word(tmp_path):
 
 def test_caption_tokenizer_unknown_words(tmp_path):
   caption_tokenizer = tokenizer.load_tokenizer(
-      tokenizer.build_caption_tokenizer(SHAPE_CAPTIONS, tmp_path))
+      tokenizer_build.build_caption_tokenizer(SHAPE_CAPTIONS, tmp_path))
   text = 'a purple hexagon beside a zebra 🦓'
   ids, _ = tokenizer.tokenize(caption_tokenizer, text)
   assert caption_tokenizer.unk_token_id not in ids[0, 1:list(ids[0]).index(
@@ -174,7 +176,7 @@ def test_missing_tokenizer_files(tmp_path):
 
 
 def test_diffusers_folder_and_saved_tokenizer(tmp_path):
-  build = tokenizer.build_caption_tokenizer(SHAPE_CAPTIONS, tmp_path / 'model' / 'tokenizer')
+  build = tokenizer_build.build_caption_tokenizer(SHAPE_CAPTIONS, tmp_path / 'model' / 'tokenizer')
   from_root = tokenizer.load_tokenizer(tmp_path / 'model')  # a diffusers folder's tokenizer/
   from_root.save_pretrained(tmp_path / 'saved')  # transformers 5 writes only tokenizer.json
   for loaded in (tokenizer.load_tokenizer(build), tokenizer.load_tokenizer(tmp_path / 'saved')):
@@ -183,5 +185,5 @@ def test_diffusers_folder_and_saved_tokenizer(tmp_path):
 
 
 def test_cli_build_is_cached(clip_dir, capsys):
-  tokenizer.main(['build-clip', '--out', str(clip_dir)])  # already built: no network
+  tokenizer_cli.main(['build-clip', '--out', str(clip_dir)])  # already built: no network
   assert '49408 tokens' in capsys.readouterr().out

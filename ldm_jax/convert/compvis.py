@@ -1,10 +1,11 @@
 """The original CompVis/Stability single-file key layout <-> diffusers keys (SD 1.x/2.x).
 
 Every function here is a pure transform of `{key: numpy array}` dicts. Module prefixes are
-renamed through explicit tables (`unet_table`, `vae_table`, ...), longest prefix first; the few
-leaves that change layout are named: the VAE's 1x1 attention convs (squeezed to linear and back),
-OpenCLIP's fused `in_proj` (split into q/k/v and joined), its `text_projection` (transposed) and
-its last resblock (dropped: SD 2.x conditions on the penultimate layer).
+renamed through explicit tables (`unet_table`, `vae_table`, ...), longest prefix first, and the
+OpenCLIP text tower key by key through `OPENCLIP_TABLE`; the few leaves that change layout are
+named: the VAE's 1x1 attention convs (squeezed to linear and back), OpenCLIP's fused `in_proj`
+(`split_in_proj`, `fuse_in_proj`), its `text_projection` (`projection_t`) and its last resblock
+(dropped: SD 2.x conditions on the penultimate layer).
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ import re
 import numpy as np
 
 from ldm_jax.convert import diffusers as diffusers_lib
+from ldm_jax.convert import tables
 
 UNET_PREFIX = 'model.diffusion_model.'
 VAE_PREFIXES = ('first_stage_model.', 'vae.')
@@ -34,8 +36,6 @@ _RESNET = (('in_layers.0', 'norm1'), ('in_layers.2', 'conv1'), ('emb_layers.1', 
 _VAE_RESNET = (('nin_shortcut', 'conv_shortcut'),)
 _VAE_ATTENTION = (('norm', 'group_norm'), ('q', 'to_q'), ('k', 'to_k'), ('v', 'to_v'),
                   ('proj_out', 'to_out.0'))
-_OPENCLIP_LAYER = (('ln_1', 'layer_norm1'), ('ln_2', 'layer_norm2'), ('mlp.c_fc', 'mlp.fc1'),
-                   ('mlp.c_proj', 'mlp.fc2'), ('attn.out_proj', 'self_attn.out_proj'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +151,17 @@ def _translate(state, table, keep_unmatched=True):
     else:
       unmatched.append(key)
       out[key] = value
-  if unmatched and not keep_unmatched:
+  if not keep_unmatched:
+    _check_placed(unmatched)
+  return out
+
+
+def _check_placed(unmatched):
+  """Raises ConversionError when some parameters have no key in the single-file layout."""
+  if unmatched:
     raise diffusers_lib.ConversionError(
         f'{len(unmatched)} parameters have no place in the single-file layout, e.g. '
         f'{unmatched[:3]}')
-  return out
 
 
 def _invert(table):
@@ -265,67 +271,128 @@ def clip_to_diffusers(ldm_clip):
           for k, v in ldm_clip.items()}
 
 
+def _with_text_model(key):
+  """A key of our text encoder -> transformers' (all but `text_projection` under `text_model.`)."""
+  return key if key.startswith('text_projection') else 'text_model.' + key
+
+
 def clip_from_diffusers(state):
-  return {(k if k.startswith('text_projection') else 'text_model.' + k): v
-          for k, v in state.items()}
+  return {_with_text_model(k): v for k, v in state.items()}
+
+
+def split_in_proj(w):
+  """OpenCLIP's fused attention input projection (3 * width, ...) -> the (q, k, v) projections."""
+  return tuple(np.split(w, 3, axis=0))
+
+
+def fuse_in_proj(q, k, v):
+  """The q, k and v projections -> OpenCLIP's fused `in_proj` (3 * width, ...)."""
+  return np.concatenate([q, k, v], axis=0)
+
+
+def projection_t(p):
+  """`text_projection` (width, proj), used as x @ P, <-> a (proj, width) linear weight."""
+  return np.ascontiguousarray(p.T)
+
+
+_RENAME = (tables.identity, tables.identity)
+_IN_PROJ = (split_in_proj, fuse_in_proj)
+_PROJECTION = (projection_t, projection_t)
+_RESBLOCK = 'transformer.resblocks.{i}.'
+_LAYER = 'text_model.encoder.layers.{i}.'
+# OpenCLIP's text tower (`cond_stage_model.model.` removed) <-> transformers' CLIPTextModel(With
+# Projection): (OpenCLIP key, transformers key, (to_transformers, to_open_clip)). `{i}` is a
+# resblock (encoder layer) index, `{leaf}` weight or bias; `{qkv}` makes three keys of one.
+OPENCLIP_TABLE = (
+    ('token_embedding.weight', 'text_model.embeddings.token_embedding.weight', _RENAME),
+    ('positional_embedding', 'text_model.embeddings.position_embedding.weight', _RENAME),
+    (_RESBLOCK + 'ln_1.{leaf}', _LAYER + 'layer_norm1.{leaf}', _RENAME),
+    (_RESBLOCK + 'attn.in_proj_{leaf}', _LAYER + 'self_attn.{qkv}_proj.{leaf}', _IN_PROJ),
+    (_RESBLOCK + 'attn.out_proj.{leaf}', _LAYER + 'self_attn.out_proj.{leaf}', _RENAME),
+    (_RESBLOCK + 'ln_2.{leaf}', _LAYER + 'layer_norm2.{leaf}', _RENAME),
+    (_RESBLOCK + 'mlp.c_fc.{leaf}', _LAYER + 'mlp.fc1.{leaf}', _RENAME),
+    (_RESBLOCK + 'mlp.c_proj.{leaf}', _LAYER + 'mlp.fc2.{leaf}', _RENAME),
+    ('ln_final.{leaf}', 'text_model.final_layer_norm.{leaf}', _RENAME),
+    ('text_projection', 'text_projection.weight', _PROJECTION),
+)
+_FIELDS = {'i': r'(?P<i>\d+)', 'leaf': r'(?P<leaf>weight|bias)', 'qkv': r'(?P<qkv>[qkv])'}
+
+
+def _pattern_regex(pattern):
+  """'ln_final.{leaf}' -> a regex for whole keys that captures the `{field}`s."""
+  parts = re.split(r'\{(\w+)\}', pattern)
+  return re.compile(''.join(_FIELDS[p] if n % 2 else re.escape(p) for n, p in enumerate(parts)))
+
+
+_OPENCLIP_REGEXES = tuple((_pattern_regex(ours), _pattern_regex(theirs))
+                          for ours, theirs, _ in OPENCLIP_TABLE)
+
+
+def _openclip_row(key, side, num_layers):
+  """(row of OPENCLIP_TABLE, its fields) for a key of `side` (0 OpenCLIP, 1 transformers), or None.
+
+  A resblock index must be below `num_layers`.
+  """
+  for row, regexes in zip(OPENCLIP_TABLE, _OPENCLIP_REGEXES):
+    m = regexes[side].fullmatch(key)
+    if m and ('i' not in m.groupdict() or int(m['i']) < num_layers):
+      return row, {k: v for k, v in m.groupdict().items() if k != 'qkv'}
+  return None
+
+
+def _transformers_keys(pattern, fields):
+  """The transformers key(s) of a table row: three for a `{qkv}` pattern, else one."""
+  names = 'qkv' if '{qkv}' in pattern else ('',)
+  return [pattern.format(**fields, qkv=name) for name in names]
 
 
 def openclip_to_diffusers(ldm, with_projection=False):
   """OpenCLIP (`cond_stage_model.model.` removed) -> transformers CLIP keys, penultimate layer.
 
-  The fused attention input projection is split into q/k/v; the last resblock is dropped (SD 2.x
-  conditions on the penultimate layer); `text_projection` (width, proj), used as x @ P, becomes
-  a (proj, width) linear weight, kept only `with_projection`.
+  Keys map through `OPENCLIP_TABLE`: the fused attention input projection is split into q/k/v;
+  the last resblock is dropped (SD 2.x conditions on the penultimate layer); `text_projection`
+  (width, proj), used as x @ P, becomes a (proj, width) linear weight, kept only
+  `with_projection`. Keys outside the table keep their name, so that loading reports them.
   """
   last = max((int(k.split('.')[2]) for k in ldm if k.startswith('transformer.resblocks.')),
              default=-1)
-  table = {f'transformer.resblocks.{i}': (f'text_model.encoder.layers.{i}', _OPENCLIP_LAYER)
-           for i in range(last)}
-  table |= {'token_embedding': ('text_model.embeddings.token_embedding', ()),
-            'ln_final': ('text_model.final_layer_norm', ())}
-  rest, out = {}, {}
+  out = {}
   for key, value in ldm.items():
-    if key.startswith(f'transformer.resblocks.{last}.'):
+    if (key.startswith(f'transformer.resblocks.{last}.')
+        or key == 'text_projection' and not with_projection):
       continue
-    m = re.match(r'transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$', key)
-    if m:
-      for name, part in zip('qkv', np.split(value, 3, axis=0)):
-        out[f'text_model.encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}'] = part
-    elif key == 'positional_embedding':
-      out['text_model.embeddings.position_embedding.weight'] = value
-    elif key == 'text_projection':
-      if with_projection:
-        out['text_projection.weight'] = np.ascontiguousarray(value.T)
-    else:
-      rest[key] = value
-  return out | _translate(rest, table)
+    found = _openclip_row(key, 0, last)
+    if found is None:
+      out[key] = value
+      continue
+    (_, theirs, (to_transformers, _)), fields = found
+    values = to_transformers(value)
+    values = values if isinstance(values, tuple) else (values,)
+    out.update(zip(_transformers_keys(theirs, fields), values))
+  return out
 
 
 def openclip_from_diffusers(state, num_layers):
   """transformers CLIP keys (no `text_model.`) -> OpenCLIP, plus an identity last resblock.
 
-  The file gets one resblock more than the encoder runs, all zeros: SD 2.x readers (ours,
-  diffusers, the original repository) skip the last resblock, and a zero block is the identity.
+  Keys map back through `OPENCLIP_TABLE` (q/k/v fused into one `in_proj`). The file gets one
+  resblock more than the encoder runs, all zeros: SD 2.x readers (ours, diffusers, the original
+  repository) skip the last resblock, and a zero block is the identity.
+
+  Raises:
+    diffusers.ConversionError: a key outside the table (or a layer past `num_layers`).
   """
-  table = _invert({f'transformer.resblocks.{i}': (f'encoder.layers.{i}', _OPENCLIP_LAYER)
-                   for i in range(num_layers)})
-  table |= {'embeddings.token_embedding': ('token_embedding', ()),
-            'final_layer_norm': ('ln_final', ())}
-  out, rest = {}, {}
-  for key, value in state.items():
-    m = re.match(r'encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$', key)
-    if m:
-      qkv = [state[key.replace('.q_proj.', f'.{n}_proj.')] for n in 'qkv']
-      out[f'transformer.resblocks.{m[1]}.attn.in_proj_{m[2]}'] = np.concatenate(qkv, axis=0)
-    elif re.search(r'self_attn\.[kv]_proj\.', key):
+  out, unmatched = {}, []
+  for key in state:
+    found = _openclip_row(_with_text_model(key), 1, num_layers)
+    if found is None:
+      unmatched.append(key)
       continue
-    elif key == 'embeddings.position_embedding.weight':
-      out['positional_embedding'] = value
-    elif key == 'text_projection.weight':
-      out['text_projection'] = np.ascontiguousarray(value.T)
-    else:
-      rest[key] = value
-  out |= _translate(rest, table, keep_unmatched=False)
+    (ours, theirs, (_, to_open_clip)), fields = found
+    keys = [k.removeprefix('text_model.') for k in _transformers_keys(theirs, fields)]
+    if key == keys[0]:  # a fused key is written once, from all of its parts
+      out[ours.format(**fields)] = to_open_clip(*(state[k] for k in keys))
+  _check_placed(unmatched)
   pad = f'transformer.resblocks.{num_layers - 1}.'
   out |= {k.replace(pad, f'transformer.resblocks.{num_layers}.'): np.zeros_like(v)
           for k, v in out.items() if k.startswith(pad)}

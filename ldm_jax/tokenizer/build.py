@@ -1,6 +1,10 @@
-"""CLIP BPE tokenizers: load a folder, tokenize to fixed-length ids, build vocabularies offline."""
+"""Builds CLIP-format BPE tokenizer folders offline: the real CLIP vocabulary, or a caption one.
 
-import argparse
+`build_clip_tokenizer` writes the 49408-token CLIP BPE from the file in the open-clip-torch wheel
+(fetched by `pip download`, never installed); `build_caption_tokenizer` a small vocabulary in which
+every caption word is one token. Both folders load with `ldm_jax.tokenizer.load_tokenizer`.
+"""
+
 import gzip
 import json
 import os
@@ -10,7 +14,6 @@ import sys
 import tempfile
 import zipfile
 
-import numpy as np
 import transformers
 
 BOS = '<|startoftext|>'
@@ -19,75 +22,6 @@ CLIP_VOCAB_SIZE = 49408
 OPEN_CLIP_WHEEL = 'open-clip-torch==3.3.0'  # a 1.5 MB py3-none-any wheel that ships the BPE file
 _BPE_MEMBER = 'open_clip/bpe_simple_vocab_16e6.txt.gz'
 _NUM_MERGES = CLIP_VOCAB_SIZE - 512 - 2  # 48894: lines[1:48895] of the BPE file, as CLIP reads it
-_HUGE_LENGTH = 10**6  # transformers' "no limit" is int(1e30), which overflows inside tokenizers
-_BUILD_HINT = ('build one with `python -m ldm_jax.tokenizer build-clip --out DIR` (the real CLIP '
-               'vocabulary) or ldm_jax.tokenizer.build_caption_tokenizer(captions, DIR)')
-
-
-def _has_tokenizer_files(folder):
-  """Whether `folder` holds vocab.json + merges.txt or a tokenizer.json."""
-  return ((folder / 'vocab.json').is_file() and (folder / 'merges.txt').is_file()
-          or (folder / 'tokenizer.json').is_file())
-
-
-def load_tokenizer(folder, max_length=77):
-  """Loads a CLIP tokenizer folder from disk (never from a hub).
-
-  Args:
-    folder: a tokenizer folder (vocab.json + merges.txt, or tokenizer.json, plus the usual config
-      files), or a diffusers model folder with a `tokenizer/` inside.
-    max_length: the model_max_length to set when the folder gives none (or a huge one).
-
-  Returns:
-    A `transformers.CLIPTokenizer`.
-
-  Raises:
-    FileNotFoundError: the folder holds no tokenizer files.
-  """
-  folder = pathlib.Path(folder)
-  if not _has_tokenizer_files(folder) and _has_tokenizer_files(folder / 'tokenizer'):
-    folder = folder / 'tokenizer'
-  if not _has_tokenizer_files(folder):
-    raise FileNotFoundError(f'{folder} holds no tokenizer (it needs vocab.json and merges.txt, '
-                            f'or tokenizer.json); {_BUILD_HINT}')
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-  if len(tokenizer) <= 3:  # transformers 5 silently builds a 3-token vocab from unread files
-    raise ValueError(f'{folder} loaded as a {len(tokenizer)}-token vocabulary; {_BUILD_HINT}')
-  if not tokenizer.model_max_length or tokenizer.model_max_length > _HUGE_LENGTH:
-    tokenizer.model_max_length = max_length
-  return tokenizer
-
-
-def tokenize(tokenizer, texts, max_length=77):
-  """Token ids padded or truncated to `max_length`, as diffusers pipelines make them.
-
-  A text longer than `max_length` keeps its first `max_length - 1` tokens and its closing EOS;
-  shorter ones are padded with the tokenizer's pad token (EOS for SD 1.x, "!" for SD 2.x).
-
-  Args:
-    tokenizer: a tokenizer from `load_tokenizer`.
-    texts: a string or a sequence of strings.
-    max_length: the length of every row (77 for Stable Diffusion).
-
-  Returns:
-    (ids, truncated): int32 (N, max_length) and bool (N,), True where a text was cut.
-  """
-  texts = [texts] if isinstance(texts, str) else list(texts)
-  if tokenizer.pad_token_id is None or max_length < 2:
-    raise ValueError(f'tokenize needs a pad token and max_length >= 2, got pad '
-                     f'{tokenizer.pad_token!r} and max_length {max_length}')
-  if not texts:  # transformers 5 raises IndexError on an empty batch
-    return np.zeros((0, max_length), np.int32), np.zeros(0, bool)
-  # One untruncated pass gives both the ids and which texts were too long; verbose=False keeps
-  # transformers from warning about sequences longer than model_max_length.
-  rows = tokenizer(texts, padding=False, truncation=False, verbose=False)['input_ids']
-  ids = np.full((len(texts), max_length), tokenizer.pad_token_id, np.int32)
-  truncated = np.zeros(len(texts), bool)
-  for i, row in enumerate(rows):
-    if len(row) > max_length:
-      row, truncated[i] = row[:max_length - 1] + row[-1:], True
-    ids[i, :len(row)] = row
-  return ids, truncated
 
 
 def bytes_to_unicode():
@@ -228,19 +162,3 @@ def build_caption_tokenizer(captions, out_dir, max_length=77):
   merged = list(dict.fromkeys(a + b for a, b in merges))  # two merges can make the same token
   return _write_folder(out_dir, _base_vocab() + merged + [BOS, EOS], merges,
                        max_length=max_length)
-
-
-def main(argv=None):
-  """`python -m ldm_jax.tokenizer build-clip --out DIR [--wheel_dir DIR]`."""
-  parser = argparse.ArgumentParser(prog='python -m ldm_jax.tokenizer', description=__doc__)
-  commands = parser.add_subparsers(dest='command', required=True)
-  clip = commands.add_parser('build-clip', help='build the 49408-token CLIP tokenizer from PyPI')
-  clip.add_argument('--out', required=True, help='the tokenizer folder to write')
-  clip.add_argument('--wheel_dir', default=None, help='where to keep the open-clip-torch wheel')
-  args = parser.parse_args(argv)
-  out = build_clip_tokenizer(args.out, args.wheel_dir)
-  print(f'CLIP tokenizer ({len(load_tokenizer(out))} tokens) in {out}')
-
-
-if __name__ == '__main__':
-  main()

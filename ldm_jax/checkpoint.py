@@ -106,34 +106,46 @@ def latest_checkpoint_dir(path):
   return None
 
 
-def read_checkpoint(path, item='state', step=None):
+def read_checkpoint(path, item='state', step=None, only=None):
   """A checkpoint's items restored to host memory, without knowing the state's structure.
+
+  Reads, never writes: sampling and another run's weights come through here.
 
   Args:
     path: a workdir or its checkpoints directory.
     item: 'state', 'data' or 'config'.
     step: which step (default: the latest).
+    only: with item 'state', the one top-level entry to restore (e.g. 'ema_params'): the others
+      (the optimizer's moments, ...) are never read.
 
   Returns:
-    (step, the restored item).
+    (step, the restored item; with `only`, that entry alone).
   """
   directory = latest_checkpoint_dir(path)
   if directory is None:
     raise FileNotFoundError(f'no checkpoint under {path!r}: train there first (python train.py '
                             f'--workdir {path} ...)')
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.StandardCheckpointHandler(), 'data': _PerProcessJsonHandler(),
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(), 'data': _PerProcessJsonHandler(),
       'config': ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if item == 'state':  # onto this process's first device, whatever devices wrote it
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          manager.item_metadata(step)['state'])
-    args = ocp.args.StandardRestore(target)
+    target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                 tree)
+              for name, tree in manager.item_metadata(step)['state'].items()
+              if only in (None, name)}
+    # A partial restore reads the entries of `target` alone (orbax's PyTree handler; the
+    # standard one cannot leave entries out).
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=only is not None,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
   else:
     args = {'data': PerProcessJsonRestore(), 'config': ocp.args.JsonRestore()}[item]
   restored = manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
   manager.close()
   if item == 'state':
     restored = jax.device_get(restored)
+    if only is not None:
+      restored = restored[only]
   return step, restored

@@ -216,5 +216,10 @@ class AutoencoderKL(nn.Module):
     mean, logvar = self.encode(images)
     z = mean
     if key is not None:
-      z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+      z = sample_posterior(mean, logvar, jax.random.normal(key, mean.shape, mean.dtype))
     return self.decode(z), mean, logvar
+
+
+def sample_posterior(mean, logvar, noise):
+  """A sample of the diagonal Gaussian posterior (mean, logvar) from standard normal `noise`."""
+  return mean + jnp.exp(0.5 * logvar) * noise

@@ -38,9 +38,9 @@ def build_jax_step(folder, args):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import common as config_common  # pylint: disable=g-import-not-at-top
   from ldm_jax.convert import diffusers as convert_diffusers  # pylint: disable=g-import-not-at-top
+  from ldm_jax import weights  # pylint: disable=g-import-not-at-top
   from ldm_jax.diffusion import schedules  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import losses  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train import stages  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -50,7 +50,7 @@ def build_jax_step(folder, args):
   if args.attention_impl:
     unet = unet.clone(config=dataclasses.replace(unet.config, attention_impl=args.attention_impl))
   schedule = schedules.Schedule.create(schedules.ScheduleConfig.from_diffusers(
-      stages.scheduler_config(config.diffusion)))
+      weights.scheduler_config(config.diffusion)))
 
   def loss_fn(params, frozen, batch, keys, step):
     del frozen, step

@@ -11,8 +11,8 @@ import pytest
 
 from ldm_jax import config_check
 from ldm_jax import sharding
+from ldm_jax import weights
 from ldm_jax.models import build
-from ldm_jax.train import loop
 from ldm_jax.train import stages
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
@@ -23,11 +23,15 @@ sys.path.insert(0, ROOT)  # configs/sd15.py imports configs.common
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
-def _abstract_frozen(stage):
-  """Frozen VAE and CLIP text encoder as shapes (the stage would load or draw them)."""
-  stage.initial = None
-  return {'vae': build.abstract_params(stage.vae),
-          'text_encoder': build.abstract_params(stage.text_encoder)}
+def _abstract_weights(config, train_text):
+  """The config's networks with a frozen VAE and CLIP text encoder as shapes (the stage would
+  load or draw them)."""
+  assert not train_text
+  nets = build.networks_from_config(config.model)
+  frozen = {'vae': build.abstract_params(nets['vae']),
+            'text_encoder': build.abstract_params(nets['text_encoder'])}
+  return weights.LDMWeights(nets['unet'], nets['vae'], nets['text_encoder'],
+                            weights.scheduler_config(config.diffusion), frozen, None)
 
 
 def _with_shardings(tree, shardings):
@@ -36,7 +40,7 @@ def _with_shardings(tree, shardings):
 
 
 def test_sd15_step_compiles_ahead_of_time_with_fsdp_8(monkeypatch):
-  monkeypatch.setattr(stages.LDMStage, '_load_frozen', _abstract_frozen)
+  monkeypatch.setattr(weights, 'ldm_weights', _abstract_weights)
   monkeypatch.setattr(stages.LDMStage, 'encode_empty_caption',
                       lambda self: jnp.zeros((1, 77, 768), jnp.bfloat16))
   config = config_check.load_config(os.path.join(ROOT, 'configs', 'sd15.py'))
@@ -46,9 +50,10 @@ def test_sd15_step_compiles_ahead_of_time_with_fsdp_8(monkeypatch):
   tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
   mesh = sharding.make_mesh(config.mesh)
   rng = jax.random.key(0)
-  abstract, frozen_shardings, update = loop.make_step(config, stage, tx, lr_schedule, mesh, rng)
+  abstract, frozen_shardings, update = step_lib.make_step(config, stage, tx, lr_schedule, mesh,
+                                                          rng)
 
-  sizes = loop.state_bytes(abstract)
+  sizes = state_lib.state_bytes(abstract)
   total = sizes['params'][0] + sizes['opt_state'][0]
   per_device = sizes['params'][1] + sizes['opt_state'][1]
   assert total > 859e6 * 4 * 3  # float32 U-Net weights, Adam's two moments

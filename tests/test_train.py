@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax import weights
 from ldm_jax.data import builders
 from ldm_jax.diffusion import schedules
 from ldm_jax.train import loop
@@ -75,7 +76,7 @@ def test_min_snr_and_v_targets_by_hand():
 def _stage_and_update(config, grad_accum=1):
   from ldm_jax.models import build  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import stages  # pylint: disable=g-import-not-at-top
-  tok = loop.resolve_tokenizer(config, config.data.data_dir + '_tok')
+  tok = weights.tokenizer(config, os.path.join(config.data.data_dir + '_tok', 'tokenizer'))
   config.model.text_encoder.vocab_size = len(tok)
   stage = stages.build_stage(config, tok)
   tx, lr = state_lib.make_optimizer(config.optim, config.num_steps)

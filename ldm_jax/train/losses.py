@@ -5,10 +5,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.diffusion import schedules
+
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 CLIP_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the logit scale at 100
 DECODER_LAST_LAYER = 'decoder/conv_out/kernel'  # the VAE's last layer, for the adaptive GAN weight
-PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
 
 
 def _f32(x):
@@ -235,7 +236,8 @@ def min_snr_weights(snr, gamma, prediction_type):
   elif prediction_type == 'sample':
     weights = clipped
   else:
-    raise ValueError(f'prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}')
+    raise ValueError(f'prediction_type {prediction_type!r} is not one of '
+                     f'{schedules.PREDICTION_TYPES}')
   return jax.lax.stop_gradient(weights)
 
 

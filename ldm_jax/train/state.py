@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax import sharding
+
 
 def learning_rate_schedule(optim, num_steps):
   """Linear warmup from 0, then constant or cosine decay to `optim.final_lr_fraction` * lr."""
@@ -56,3 +58,9 @@ def init_state(params, tx):
   """{'step', 'params', 'opt_state', 'ema_params'}: the whole mutable state of training."""
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
           'ema_params': jax.tree.map(jnp.copy, params)}
+
+
+def state_bytes(abstract):
+  """{'params' | 'opt_state' | 'ema_params': (total bytes, bytes per device)} of a placed state."""
+  return {name: sharding.sharded_bytes(abstract[name])
+          for name in ('params', 'opt_state', 'ema_params')}

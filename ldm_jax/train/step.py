@@ -1,5 +1,5 @@
-"""The update step: loss, gradients (optionally accumulated), AdamW, EMA, the step's metrics, and
-its ahead-of-time compilation with a memory check.
+"""The update step: loss, gradients (optionally accumulated), AdamW, EMA, the step's metrics; its
+shardings and jit, and its ahead-of-time compilation with a memory check.
 
 Written for one global device (no pmap, no pmean): `jax.jit` with shardings partitions it.
 Randomness is per example (`fold_in(rng, example index)`), so a step over a batch of 2b equals
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax import sharding
 from ldm_jax.train import state as state_lib
 
 
@@ -67,6 +68,27 @@ def make_update_fn(loss_fn, tx, ema, grad_accum=1, lr_schedule=None):
     return new_state, metrics
 
   return update
+
+
+def make_step(config, stage, tx, lr_schedule, mesh, rng):
+  """The state's shapes with their shardings, the frozen trees' shardings, and the jitted update.
+
+  Returns:
+    (abstract state: ShapeDtypeStructs with shardings, frozen shardings, the jitted
+    `update(state, frozen, batch, rng) -> (state, metrics)` with the state donated).
+  """
+  abstract = jax.eval_shape(lambda r: state_lib.init_state(stage.init_params(r), tx), rng)
+  rules = [tuple(r) for r in config.sharding.rules]
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  frozen_shardings = sharding.tree_shardings(stage.frozen, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, sharding.P())
+  update = jax.jit(
+      make_update_fn(stage.loss, tx, config.ema, config.optim.grad_accum, lr_schedule),
+      in_shardings=(shardings, frozen_shardings, sharding.batch_sharding(mesh), replicated),
+      out_shardings=(shardings, replicated), donate_argnums=0)
+  return abstract, frozen_shardings, update
 
 
 class OutOfMemoryError(RuntimeError):

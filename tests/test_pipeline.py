@@ -5,6 +5,8 @@ inpainting U-Net, and latent blending with an ordinary one). Tolerance: max abs 
 <= 2e-3 on [0, 1] images.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -119,15 +121,49 @@ def test_seed_reproducibility_and_progress(ours):
 
 def test_bad_input(ours):
   sd = ours[0]
-  with pytest.raises(ValueError, match='not divisible by 2'):
+  with pytest.raises(ValueError, match='height 15 is not a positive multiple of 2 .the VAE '
+                     'downsamples by 2.: try 14'):
     sd.generate(['abc'], height=15, width=16)
+  with pytest.raises(ValueError, match='width 0 is not a positive multiple of 2'):
+    sd.generate(['abc'], width=0)
   with pytest.raises(ValueError, match='unknown sampler'):
     sd.generate(['abc'], sampler='heun')
   with pytest.raises(ValueError, match='no prompts'):
     sd.generate([])
   with pytest.raises(ValueError, match='masks need init_images'):
     sd.generate(['abc'], masks=_masks(1))
-  with pytest.raises(ValueError, match=r'strength must be in \(0, 1\]'):
+  with pytest.raises(ValueError, match=r'strength 0.0 is outside \(0, 1\]'):
     sd.generate(['abc'], init_images=_images(1), strength=0.0)
   with pytest.raises(ValueError, match='2 negative prompts for 1 prompts'):
     sd.generate(['abc'], negative_prompts=['a', 'b'])
+
+
+def test_progress_is_per_call(ours):
+  """Concurrent calls on one instance, and calls on two instances, each see only their steps."""
+  seen = {name: [] for name in ('a', 'b', 'other')}
+  report = lambda name: lambda i, n: seen[name].append((i, n))
+  ours[0].generate(['abc'], steps=3, progress=report('a'))  # compiled before the threads race
+  seen['a'].clear()
+  threads = [threading.Thread(target=lambda name=name: ours[0].generate(
+      ['abc'], steps=3, seed=len(name), progress=report(name))) for name in ('a', 'b')]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  ours[1].generate(['abc'], steps=2, init_images=_images(1), masks=_masks(1),
+                   progress=report('other'))
+  assert seen == {'a': [(1, 3), (2, 3), (3, 3)], 'b': [(1, 3), (2, 3), (3, 3)],
+                  'other': [(1, 2), (2, 2)]}
+
+
+def test_input_problems_and_default_strength():
+  assert pipeline.input_problems() == []
+  assert pipeline.input_problems(96, 8, 1.0) == []
+  assert pipeline.input_problems(100, 0, 1.5) == [
+      'height 100 is not a positive multiple of 8 (the VAE downsamples by 8): try 96',
+      'width 0 is not a positive multiple of 8 (the VAE downsamples by 8): try 8',
+      'strength 1.5 is outside (0, 1]: 1 repaints fully, small values stay close to the init '
+      'image']
+  assert pipeline.input_problems(width=6, scale_factor=2) == []
+  assert pipeline.input_problems(strength=0.0)[0].startswith('strength 0.0 is outside')
+  assert pipeline.default_strength(True) == 1.0 and pipeline.default_strength(False) == 0.8

@@ -50,7 +50,7 @@ def _reference(name, config, steps, start, eta, x_init):
 def _ours(name, config, steps, start, eta, x_init):
   plan = samplers.make_plan(name, config, steps, eta=eta)
   g = torch.Generator().manual_seed(0)  # replays the reference's draws, in its order
-  state = samplers.init_state(plan, jnp.asarray(x_init) * plan.init_noise_sigma)
+  state = samplers.initial_state(plan, jnp.asarray(x_init) * plan.init_noise_sigma)
   nchw = (SHAPE[0], SHAPE[3], SHAPE[1], SHAPE[2])
   for i in range(start, plan.num_steps):
     xin = state['x'] * plan.input_scale[i]
@@ -101,7 +101,7 @@ def test_jitted_loop_equals_stepping(name):
   key = jax.random.key(1)
   model = lambda x, t, i: 0.6 * jnp.tanh(x) + 0.2 * jnp.sin(t / 97.0 + x)
   looped = jax.jit(lambda x: samplers.denoise(plan, model, x, key))(x)
-  state = samplers.init_state(plan, x)
+  state = samplers.initial_state(plan, x)
   for i in range(plan.num_steps):
     out = model(state['x'] * plan.input_scale[i], plan.timesteps[i], i)
     noise = jax.random.normal(jax.random.fold_in(key, i), SHAPE) if plan.stochastic else None
@@ -139,6 +139,21 @@ def test_prediction_conversions_invert_each_other():
     got_x0, got_eps = schedules.to_x0_eps(pred, target, x_t, a)
     np.testing.assert_allclose(got_x0, x0, rtol=1e-3, atol=2e-4)
     np.testing.assert_allclose(got_eps, noise, rtol=1e-3, atol=2e-4)
+
+
+def test_registry_order_and_x0_in_sigma_space():
+  assert samplers.SAMPLERS == ('ddpm', 'ddim', 'pndm', 'dpmpp_2m', 'dpmpp_2m_karras', 'euler',
+                               'euler_a')
+  # The sigma-space form diffusers' Euler writes, against the shared alpha/sigma conversion.
+  key1, key2 = jax.random.split(jax.random.key(0))
+  x, out = jax.random.normal(key1, (3, 4)), jax.random.normal(key2, (3, 4))
+  s = jnp.array([0.1, 1.0, 14.6])[:, None]
+  alpha = 1 / jnp.sqrt(s ** 2 + 1)
+  for pred, expected in (('epsilon', x - s * out),
+                         ('v_prediction', out * (-s / jnp.sqrt(s ** 2 + 1)) + x / (s ** 2 + 1)),
+                         ('sample', out)):
+    got = schedules.to_x0(pred, out, alpha * x, alpha, s * alpha)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_sampler_and_unsupported_options():

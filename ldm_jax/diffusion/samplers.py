@@ -7,20 +7,20 @@ sigma 0), built from the model's scheduler config the way `Scheduler.from_config
   dpmpp_2m[_karras] -> DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint)
   euler -> EulerDiscreteScheduler     euler_a -> EulerAncestralDiscreteScheduler
 
-`make_plan` computes every per-step coefficient on the host for a static number of steps; `step`
-is a pure function `step(plan, state, i, model_output, noise, start) -> state`; `denoise` runs
-the steps in one `lax.fori_loop`.
+`REGISTRY` maps each sampler's name to its family's `Sampler`: the table builder `make_plan` calls
+(every per-step coefficient, on the host, for a static number of steps) and the family's step.
+`step(plan, state, i, model_output, noise, start) -> state` is a pure function that dispatches to
+it; `denoise` runs the steps in one `lax.fori_loop`.
 """
 
 import dataclasses
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion import schedules
-
-SAMPLERS = ('ddpm', 'ddim', 'pndm', 'dpmpp_2m', 'dpmpp_2m_karras', 'euler', 'euler_a')
 
 # Each diffusers class's own defaults for the options it reads: a scheduler config written for
 # one class (SD 1.5 ships a PNDM config without `timestep_spacing`) means different things to
@@ -60,7 +60,7 @@ class Plan:
     input_scale: (n,) the factor applied to x before the model (Euler's 1/sqrt(sigma^2+1)).
     noise_scale: (n, 2) `add_noise` at step i: c0 * x0 + c1 * noise (img2img, inpainting).
     init_noise_sigma: the initial noise's standard deviation.
-    tables: per-step coefficients of this sampler's update.
+    tables: per-step coefficients of this sampler's update, indexed by step first.
     stochastic: whether `step` consumes fresh noise.
   """
   sampler: str
@@ -113,9 +113,7 @@ def make_plan(sampler, scheduler_config, num_steps, *, eta=0.0):
   acp = schedules.alphas_cumprod(schedule).astype(np.float64)
   if opts['rescale_betas_zero_snr'] and sampler not in ('ddpm', 'ddim', 'pndm'):
     acp[-1] = 2.0 ** -24  # diffusers' sigma-space schedulers avoid an infinite sigma so
-  builder = {'ddpm': _ddpm, 'ddim': _ddim, 'pndm': _pndm, 'dpmpp_2m': _dpm, 'dpmpp_2m_karras': _dpm,
-             'euler': _euler, 'euler_a': _euler}[sampler]
-  plan = builder(sampler, opts, acp, num_steps, eta)
+  plan = REGISTRY[sampler].build(sampler, opts, acp, num_steps, eta)
   return dataclasses.replace(plan, prediction_type=schedule.prediction_type,
                              options=dict(opts, eta=eta))
 
@@ -132,7 +130,7 @@ def _alpha_plan(sampler, ts, acp, tables, stochastic=False):
               stochastic)
 
 
-def _ddpm(sampler, opts, acp, n, eta):
+def _ddpm_plan(sampler, opts, acp, n, eta):
   del eta
   ts = schedules.spaced_timesteps(opts['timestep_spacing'], n, len(acp), opts['steps_offset'])
   prev = np.append(ts[1:], -1)  # diffusers: the next timestep in the list, -1 after the last
@@ -146,7 +144,7 @@ def _ddpm(sampler, opts, acp, n, eta):
   return _alpha_plan(sampler, ts, acp, tables, stochastic=True)
 
 
-def _ddim(sampler, opts, acp, n, eta):
+def _ddim_plan(sampler, opts, acp, n, eta):
   ts = schedules.spaced_timesteps(opts['timestep_spacing'], n, len(acp), opts['steps_offset'])
   prev = ts - len(acp) // n  # diffusers keeps the T // N offset for every spacing
   final = 1.0 if opts['set_alpha_to_one'] else acp[0]
@@ -158,7 +156,7 @@ def _ddim(sampler, opts, acp, n, eta):
   return _alpha_plan(sampler, ts, acp, tables, stochastic=eta > 0)
 
 
-def _pndm(sampler, opts, acp, n, eta):
+def _pndm_plan(sampler, opts, acp, n, eta):
   """PLMS (PNDMScheduler with skip_prk_steps): N + 1 model calls, the second step repeated."""
   del eta
   ratio = len(acp) // n
@@ -171,8 +169,7 @@ def _pndm(sampler, opts, acp, n, eta):
   # redoes the first interval from t + ratio to t with the averaged output.
   t_from = np.stack([ts, ts + ratio], -1)
   t_to = np.stack([ts - ratio, ts], -1)
-  tables = dict(a_from=alpha(np.minimum(t_from, len(acp) - 1)), a_to=alpha(t_to),
-                weights=_PLMS_WEIGHTS)
+  tables = dict(a_from=alpha(np.minimum(t_from, len(acp) - 1)), a_to=alpha(t_to))
   return _alpha_plan(sampler, ts, acp, tables)
 
 
@@ -222,7 +219,7 @@ def _sigma_timesteps(sampler, opts, acp, n):
   return ts.astype(np.float32), sig.astype(np.float64)
 
 
-def _dpm(sampler, opts, acp, n, eta):
+def _dpm_plan(sampler, opts, acp, n, eta):
   del eta
   ts, sig = _sigma_timesteps(sampler, opts, acp, n)
   alpha = 1 / np.sqrt(sig ** 2 + 1)
@@ -245,7 +242,7 @@ def _dpm(sampler, opts, acp, n, eta):
               np.stack([alpha[:-1], sigma[:-1]], -1).astype(np.float32), 1.0, _f32(tables))
 
 
-def _euler(sampler, opts, acp, n, eta):
+def _euler_plan(sampler, opts, acp, n, eta):
   del eta
   ts, sig = _sigma_timesteps(sampler, opts, acp, n)
   sig32 = sig.astype(np.float32)
@@ -253,7 +250,9 @@ def _euler(sampler, opts, acp, n, eta):
   init = max_sigma if opts['timestep_spacing'] in ('linspace', 'trailing') else (
       (max_sigma ** 2 + 1) ** 0.5)
   s, s_next = sig32[:-1].astype(np.float64), sig32[1:].astype(np.float64)
-  tables = dict(sigma=s, sigma_next=s_next)
+  # x0 in alpha/sigma form: the model sees alpha * x, with alpha^2 + (sigma * alpha)^2 = 1.
+  tables = dict(sigma=s, sigma_next=s_next, alpha=1 / np.sqrt(s ** 2 + 1),
+                vp_sigma=s / np.sqrt(s ** 2 + 1))
   if sampler == 'euler_a':
     up = np.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
     tables.update(sigma_next=np.sqrt(s_next ** 2 - up ** 2), sigma_up=up)
@@ -262,14 +261,10 @@ def _euler(sampler, opts, acp, n, eta):
               stochastic=sampler == 'euler_a')
 
 
-def init_state(plan, x):
+def initial_state(plan, x):
   """The sampler's state around the sample x: multistep history where the sampler keeps one."""
   x = x.astype(jnp.float32)
-  if plan.sampler == 'pndm':
-    return {'x': x, 'ets': jnp.zeros((4,) + x.shape, x.dtype), 'cur_sample': jnp.zeros_like(x)}
-  if plan.sampler.startswith('dpmpp'):
-    return {'x': x, 'prev_x0': jnp.zeros_like(x)}
-  return {'x': x}
+  return dict(REGISTRY[plan.sampler].history(x), x=x)
 
 
 def step(plan, state, i, model_output, noise=None, start=0):
@@ -277,7 +272,7 @@ def step(plan, state, i, model_output, noise=None, start=0):
 
   Args:
     plan: the sampler's tables.
-    state: from `init_state` or the previous step; state['x'] is the current sample.
+    state: from `initial_state` or the previous step; state['x'] is the current sample.
     i: step index (may be traced).
     model_output: the model's prediction for `plan.input_scale[i] * x` at `plan.timesteps[i]`.
     noise: standard normal noise shaped like x, for stochastic samplers.
@@ -287,45 +282,30 @@ def step(plan, state, i, model_output, noise=None, start=0):
   Returns:
     The new state.
   """
-  tab = {k: jnp.asarray(v)[i] for k, v in plan.tables.items() if k != 'weights'}
-  x, out = state['x'], model_output.astype(jnp.float32)
-  pred = plan.prediction_type
-  if plan.sampler == 'ddpm':
-    x0, _ = schedules.to_x0_eps(pred, out, x, tab['alpha'])
-    x0 = _clip(plan, x0)
-    x = tab['c_x0'] * x0 + tab['c_x'] * x
-    if noise is not None:  # the last step (t = 0) adds none
-      x = x + tab['std'] * noise
-    return {'x': x}
-  if plan.sampler == 'ddim':
-    x0, eps = schedules.to_x0_eps(pred, out, x, tab['alpha'])
-    x = tab['sqrt_alpha_prev'] * _clip(plan, x0) + tab['c_eps'] * eps
-    if plan.stochastic:
-      x = x + tab['std'] * noise
-    return {'x': x}
-  if plan.sampler == 'pndm':
-    return _pndm_step(plan, state, i, out, start)
-  if plan.sampler.startswith('dpmpp'):
-    if pred == 'epsilon':
-      x0 = (x - tab['sigma_s'] * out) / tab['alpha_s']
-    elif pred == 'v_prediction':
-      x0 = tab['alpha_s'] * x - tab['sigma_s'] * out
-    else:
-      x0 = out
-    c_d1 = jnp.where(i == start, 0.0, tab['c_d1'])  # the first step run is first order
-    x = tab['c_x'] * x + tab['c_d0'] * x0 + c_d1 * (x0 - state['prev_x0'])
-    return {'x': x, 'prev_x0': x0}
-  # Euler and Euler ancestral: x0 from the model, then along the ODE direction to the next sigma.
-  sigma = tab['sigma']
-  if pred == 'epsilon':
-    x0 = x - sigma * out
-  elif pred == 'v_prediction':
-    x0 = out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
-  else:
-    x0 = out
-  x = x + (x - x0) / sigma * (tab['sigma_next'] - sigma)
-  if plan.sampler == 'euler_a':
-    x = x + noise * tab['sigma_up']
+  tab = {k: jnp.asarray(v)[i] for k, v in plan.tables.items()}
+  return REGISTRY[plan.sampler].step(plan, tab, state, model_output.astype(jnp.float32), noise,
+                                     i - start)
+
+
+# Step functions: (plan, tables at step i, state, float32 model output, noise, c) -> state, where
+# c = i - start counts the steps of this run.
+
+
+def _ddpm_step(plan, tab, state, out, noise, c):
+  del c
+  x0, _ = schedules.to_x0_eps(plan.prediction_type, out, state['x'], tab['alpha'])
+  x = tab['c_x0'] * _clip(plan, x0) + tab['c_x'] * state['x']
+  if noise is not None:  # the last step (t = 0) adds none
+    x = x + tab['std'] * noise
+  return {'x': x}
+
+
+def _ddim_step(plan, tab, state, out, noise, c):
+  del c
+  x0, eps = schedules.to_x0_eps(plan.prediction_type, out, state['x'], tab['alpha'])
+  x = tab['sqrt_alpha_prev'] * _clip(plan, x0) + tab['c_eps'] * eps
+  if plan.stochastic:
+    x = x + tab['std'] * noise
   return {'x': x}
 
 
@@ -336,13 +316,13 @@ def _clip(plan, x0):
   return x0
 
 
-def _pndm_step(plan, state, i, out, start):
-  c = i - start  # PLMS counts its own steps
+def _pndm_step(plan, tab, state, out, noise, c):
+  """PLMS: a linear multistep combination of the last four outputs (c == 1 redoes step 0)."""
+  del noise
   case = jnp.where(c == 1, 1, 0)
-  a_from = jnp.asarray(plan.tables['a_from'])[i, case]
-  a_to = jnp.asarray(plan.tables['a_to'])[i, case]
+  a_from, a_to = tab['a_from'][case], tab['a_to'][case]
   pushed = jnp.concatenate([state['ets'][1:], out[None]])
-  w = jnp.asarray(plan.tables['weights'])[jnp.minimum(c, 4)]
+  w = jnp.asarray(_PLMS_WEIGHTS, jnp.float32)[jnp.minimum(c, 4)]
   combined = jnp.tensordot(w, pushed[::-1], axes=1)
   sample = jnp.where(c == 1, state['cur_sample'], state['x'])
   if plan.prediction_type == 'v_prediction':
@@ -354,13 +334,64 @@ def _pndm_step(plan, state, i, out, start):
           'cur_sample': jnp.where(c == 0, state['x'], state['cur_sample'])}
 
 
+def _pndm_history(x):
+  return {'ets': jnp.zeros((4,) + x.shape, x.dtype), 'cur_sample': jnp.zeros_like(x)}
+
+
+def _dpm_step(plan, tab, state, out, noise, c):
+  del noise
+  x0 = schedules.to_x0(plan.prediction_type, out, state['x'], tab['alpha_s'], tab['sigma_s'])
+  c_d1 = jnp.where(c == 0, 0.0, tab['c_d1'])  # the first step run is first order
+  x = tab['c_x'] * state['x'] + tab['c_d0'] * x0 + c_d1 * (x0 - state['prev_x0'])
+  return {'x': x, 'prev_x0': x0}
+
+
+def _euler_step(plan, tab, state, out, noise, c):
+  """Euler (ancestral): x0 from the model, then along the ODE direction to the next sigma."""
+  del c
+  x, sigma = state['x'], tab['sigma']
+  x0 = schedules.to_x0(plan.prediction_type, out, tab['alpha'] * x, tab['alpha'], tab['vp_sigma'])
+  x = x + (x - x0) / sigma * (tab['sigma_next'] - sigma)
+  if plan.stochastic:
+    x = x + noise * tab['sigma_up']
+  return {'x': x}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """One sampler family: its table builder, its step and the history its state keeps.
+
+  Attributes:
+    build: (name, options, alphas_cumprod, num_steps, eta) -> Plan.
+    step: (plan, tables at step i, state, model output, noise, steps run so far) -> state.
+    history: x -> the state's entries besides x (multistep samplers' history).
+  """
+  build: typing.Callable[..., Plan]
+  step: typing.Callable[..., dict]
+  history: typing.Callable[[jax.Array], dict] = lambda x: {}
+
+
+_DPM = Sampler(_dpm_plan, _dpm_step, lambda x: {'prev_x0': jnp.zeros_like(x)})
+_EULER = Sampler(_euler_plan, _euler_step)
+REGISTRY = {
+    'ddpm': Sampler(_ddpm_plan, _ddpm_step),
+    'ddim': Sampler(_ddim_plan, _ddim_step),
+    'pndm': Sampler(_pndm_plan, _pndm_step, _pndm_history),
+    'dpmpp_2m': _DPM,
+    'dpmpp_2m_karras': _DPM,
+    'euler': _EULER,
+    'euler_a': _EULER,
+}
+SAMPLERS = tuple(REGISTRY)
+
+
 def add_noise(plan, x0, noise, i):
   """Forward-diffuses clean latents to the noise level of step i (img2img, inpainting)."""
   c = jnp.asarray(plan.noise_scale)[i]
   return c[0] * x0 + c[1] * noise
 
 
-def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None):
+def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None, progress_args=()):
   """Runs steps start .. n-1 in one `lax.fori_loop` (call it inside jit).
 
   Args:
@@ -370,7 +401,9 @@ def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None):
     key: PRNG key for stochastic samplers; step i uses `fold_in(key, i)`.
     start: first step index (may be traced).
     post_step: optional (x, i) -> x after each step (inpainting's latent blending).
-    progress: optional host callback(i, n), called through `jax.debug.callback`.
+    progress: optional host callback(i, n, *progress_args), called through `jax.debug.callback`
+      after step i - 1 (on every device that holds part of the batch).
+    progress_args: arrays passed on to `progress` (the pipeline's per-call token).
 
   Returns:
     The final latents (float32).
@@ -386,10 +419,10 @@ def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None):
     if post_step is not None:
       state['x'] = post_step(state['x'], i)
     if progress is not None:
-      jax.debug.callback(progress, i + 1, plan.num_steps)
+      jax.debug.callback(progress, i + 1, plan.num_steps, *progress_args)
     return state
 
-  return jax.lax.fori_loop(start, plan.num_steps, body, init_state(plan, x))['x']
+  return jax.lax.fori_loop(start, plan.num_steps, body, initial_state(plan, x))['x']
 
 
 def strength_start(plan, strength):

@@ -131,6 +131,30 @@ def velocity(schedule, x0, noise, t):
   return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * x0
 
 
+def to_x0(prediction_type, model_output, x_t, alpha, sigma):
+  """The clean sample x0 predicted from a model output at x_t = alpha * x0 + sigma * noise.
+
+  Every sampler converts through here: DDPM/DDIM with alpha = sqrt(a_t), sigma = sqrt(1 - a_t),
+  the sigma-space samplers with alpha = 1 / sqrt(s^2 + 1), sigma = s * alpha for their sigma s.
+
+  Args:
+    prediction_type: 'epsilon', 'v_prediction' or 'sample'.
+    model_output: the network's prediction.
+    x_t: the noisy sample.
+    alpha, sigma: the signal and noise scales at x_t (broadcastable to x_t).
+
+  Returns:
+    The predicted x0.
+  """
+  if prediction_type == 'epsilon':
+    return (x_t - sigma * model_output) / alpha
+  if prediction_type == 'v_prediction':
+    return alpha * x_t - sigma * model_output
+  if prediction_type == 'sample':
+    return model_output
+  raise ValueError(f'prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}')
+
+
 def to_x0_eps(prediction_type, model_output, x_t, alpha_cumprod):
   """Converts a model output to (x0, eps) given x_t and a_t (broadcastable to x_t).
 
@@ -144,13 +168,12 @@ def to_x0_eps(prediction_type, model_output, x_t, alpha_cumprod):
     (predicted x0, predicted noise).
   """
   sa, sb = jnp.sqrt(alpha_cumprod), jnp.sqrt(1 - alpha_cumprod)
+  x0 = to_x0(prediction_type, model_output, x_t, sa, sb)
   if prediction_type == 'epsilon':
-    return (x_t - sb * model_output) / sa, model_output
+    return x0, model_output
   if prediction_type == 'v_prediction':
-    return sa * x_t - sb * model_output, sa * model_output + sb * x_t
-  if prediction_type == 'sample':
-    return model_output, (x_t - sa * model_output) / sb
-  raise ValueError(f'prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}')
+    return x0, sa * model_output + sb * x_t
+  return x0, (x_t - sa * model_output) / sb
 
 
 def training_target(prediction_type, x0, noise, schedule, t):

@@ -1,35 +1,41 @@
-"""Sampling entry point (thin): text-to-image, img2img and inpainting from a diffusers folder.
+"""Sampling entry point (thin): text-to-image, img2img and inpainting from any kind of weights.
 
   python sample.py --init /models/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \
       --num_images 4 --batch_size 4 --sampler dpmpp_2m_karras --steps 25 --out samples/
   python sample.py --config configs/sd15.py --config.init=/models/sd15 --prompts_file prompts.txt
   python sample.py --init DIR --prompt "a castle" --init_image in.png --strength 0.6 [--mask m.png]
+  python sample.py --init v1-5-pruned-emaonly.safetensors --tokenizer /models/sd15/tokenizer \
+      --prompt "a lighthouse"
 
 Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... per image) to
---out. `--workdir runs/x` samples from one of our training runs (its latest EMA weights).
+--out. --init takes a diffusers folder or an original .safetensors / .ckpt file; `--workdir
+runs/x` samples from one of our training runs (its latest EMA weights, read without writing).
 """
+
+import contextlib
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from ldm_jax import cli_logging
-from ldm_jax import convert
-from ldm_jax import sampling_cli
 from ldm_jax.diffusion import pipeline
-from ldm_jax.train import export
+from ldm_jax.sampling import run
+from ldm_jax.sampling import sources
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (optional); its `init` is used like --init.',
     lock_config=True)
-_INIT = flags.DEFINE_string('init', None, 'A diffusers folder to sample from (wins over '
+_INIT = flags.DEFINE_string('init', None, 'A diffusers folder, or an original single-file '
+                            'checkpoint (.safetensors / .ckpt), to sample from (wins over '
                             'config.init).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (an ldm-stage run) to sample '
                                'from: its latest checkpoint\'s EMA weights.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'A tokenizer folder: needed with a single '
+                                 'file (default: config.tokenizer); replaces a diffusers '
+                                 'folder\'s tokenizer/.')
 _DTYPE = flags.DEFINE_string('dtype', None, 'Compute dtype, e.g. bfloat16 (default: '
-                             'config.model.dtype, else float32).')
+                             'config.model.dtype, else float32; a workdir\'s own).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt; repeat the flag for several.')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A text file, one prompt a line.')
 _NEGATIVE_PROMPT = flags.DEFINE_string('negative_prompt', '', 'Negative prompt for every image.')
@@ -38,9 +44,10 @@ _STEPS = flags.DEFINE_integer('steps', 50, 'Denoising steps.')
 _SAMPLER = flags.DEFINE_string('sampler', 'ddim', f'One of {", ".join(pipeline.SAMPLERS)}.')
 _GUIDANCE = flags.DEFINE_float('guidance', 7.5, 'Classifier-free guidance scale.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the first generate call; call b uses seed + b.')
-_HEIGHT = flags.DEFINE_integer('height', None, 'Image height, a multiple of 8 (default: the '
-                               'init image\'s, else the model\'s native size).')
-_WIDTH = flags.DEFINE_integer('width', None, 'Image width, a multiple of 8.')
+_HEIGHT = flags.DEFINE_integer('height', None, 'Image height, a multiple of the VAE\'s '
+                               'downsampling factor, 8 for SD (default: the init image\'s, else '
+                               'the model\'s native size).')
+_WIDTH = flags.DEFINE_integer('width', None, 'Image width, a multiple of the VAE\'s factor.')
 _INIT_IMAGE = flags.DEFINE_string('init_image', None, 'An image to start from (img2img).')
 _STRENGTH = flags.DEFINE_float('strength', None, 'How much of --init_image to repaint, in '
                                '(0, 1] (default 0.8, or 1.0 with --mask).')
@@ -51,8 +58,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Images per generate call.')
 
 def _request():
   """The sampling request the flags describe."""
-  return sampling_cli.Request(
-      prompts=tuple(sampling_cli.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)),
+  return run.Request(
+      prompts=tuple(run.read_prompts(_PROMPT.value, _PROMPTS_FILE.value)),
       negative_prompt=_NEGATIVE_PROMPT.value, num_images=_NUM_IMAGES.value, steps=_STEPS.value,
       sampler=_SAMPLER.value, guidance=_GUIDANCE.value, seed=_SEED.value,
       height=_HEIGHT.value, width=_WIDTH.value, init_image=_INIT_IMAGE.value,
@@ -60,31 +67,34 @@ def _request():
       batch_size=_BATCH_SIZE.value)
 
 
+@contextlib.contextmanager
+def _usage_errors():
+  """Bad input (ValueError, a missing checkpoint) becomes a usage error: its message, no trace."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: quote prompts, --prompt "a b c"')
   cli_logging.setup()
 
-  # Setup: check everything before the (slow) weight loading.
-  try:
-    source = sampling_cli.resolve_model(_INIT.value, _CONFIG.value, _WORKDIR.value, _DTYPE.value)
+  # Setup: check what the flags alone decide before the (slow) weight loading.
+  with _usage_errors():
+    source = sources.resolve_model(_INIT.value, _CONFIG.value, _WORKDIR.value, _DTYPE.value,
+                                   _TOKENIZER.value)
     request = _request()
-    sampling_cli.validate(request, pipeline.SAMPLERS)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    run.validate(request, pipeline.SAMPLERS)
 
-  # Model.
-  logging.info('loading %s (compute %s, params %s)', source.path, source.dtype,
-               source.param_dtype)
-  if source.kind == 'workdir':
-    components = export.components_from_workdir(source.path)
-  else:
-    components = convert.load_diffusers(source.path, dtype=jnp.dtype(source.dtype),
-                                        param_dtype=jnp.dtype(source.param_dtype))
-  sd = pipeline.StableDiffusion(components)
+  # Model; then the sizes, which must be multiples of this VAE's downsampling factor.
+  with _usage_errors():
+    sd = pipeline.StableDiffusion(sources.load(source))
+    run.validate(request, pipeline.SAMPLERS, sd.vae_scale)
 
   # Loop.
-  sampling_cli.run(sd, request)
+  run.run(sd, request)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,10 @@
-"""sample.py and its library: prompts, batches, seeds, output files and every kind of bad input.
+"""sample.py and ldm_jax.sampling: prompts, batches, seeds, files, model sources and bad input.
 
-A fake pipeline stands in for ldm_jax.diffusion.pipeline, so nothing here compiles JAX code.
+A fake pipeline stands in for StableDiffusion, so nothing here but the training-workdir tests
+compiles JAX code.
 """
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -14,15 +16,17 @@ from unittest import mock
 from absl import app
 from absl import flags
 from absl.testing import flagsaver
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from ldm_jax import convert
-from ldm_jax import sampling_cli
-import ldm_jax.diffusion
-from ldm_jax.diffusion import outputs
+from ldm_jax import weights
+from ldm_jax.sampling import outputs
+from ldm_jax.sampling import run
+from ldm_jax.sampling import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ('ddpm', 'ddim', 'pndm', 'dpmpp_2m', 'dpmpp_2m_karras', 'euler', 'euler_a')
@@ -31,6 +35,7 @@ NATIVE = 16  # the fake model's native size
 
 class FakeStableDiffusion:
   """StableDiffusion's signature; image k of a call is (seed, k, len(prompt)) in every pixel."""
+  vae_scale = 8
 
   def __init__(self, components=None):
     self.components = components
@@ -63,12 +68,11 @@ def _png(path, size=(40, 24), mode='RGB', color=(255, 0, 0)):
 
 
 def _run(tmp_path, **kw):
-  request = sampling_cli.Request(**{'prompts': ('a cat',), 'out_dir': str(tmp_path / 'out'),
-                                    **kw})
-  sampling_cli.validate(request, SAMPLERS)
+  request = run.Request(**{'prompts': ('a cat',), 'out_dir': str(tmp_path / 'out'), **kw})
+  run.validate(request, SAMPLERS, 8)
   sd = FakeStableDiffusion()
   lines = []
-  recs = sampling_cli.run(sd, request, log=lines.append)
+  recs = run.run(sd, request, log=lines.append)
   return sd, recs, lines, request.out_dir
 
 
@@ -134,27 +138,27 @@ def test_missing_or_unreadable_image_names_the_path(tmp_path):
     outputs.load_mask(str(tmp_path / 'text.png'), 8, 8)
 
 
-# sampling_cli: prompts, batches, seeds, records.
+# run: prompts, batches, seeds, records.
 
 
 def test_read_prompts_joins_flags_and_file_skipping_blanks(tmp_path):
   path = tmp_path / 'prompts.txt'
   path.write_text('a dog\n\n  a red car  \n\n')
-  assert sampling_cli.read_prompts(['a cat'], str(path)) == ['a cat', 'a dog', 'a red car']
-  assert sampling_cli.read_prompts([], None) == []
+  assert run.read_prompts(['a cat'], str(path)) == ['a cat', 'a dog', 'a red car']
+  assert run.read_prompts([], None) == []
   with pytest.raises(ValueError, match='missing.txt'):
-    sampling_cli.read_prompts([], str(tmp_path / 'missing.txt'))
+    run.read_prompts([], str(tmp_path / 'missing.txt'))
 
 
 def test_plan_batches_expands_prompts_seeds_calls_and_pads_the_last():
-  request = sampling_cli.Request(prompts=('a', 'b'), num_images=3, batch_size=4, seed=10)
-  batches = sampling_cli.plan_batches(request)
+  request = run.Request(prompts=('a', 'b'), num_images=3, batch_size=4, seed=10)
+  batches = run.plan_batches(request)
   assert [b.prompts for b in batches] == [('a', 'a', 'a', 'b'), ('b', 'b', 'b', 'b')]
   assert [(b.seed, b.start, b.num_real) for b in batches] == [(10, 0, 4), (11, 4, 2)]
 
 
 def test_plan_batches_never_calls_bigger_than_needed():
-  batches = sampling_cli.plan_batches(sampling_cli.Request(prompts=('a',), batch_size=8))
+  batches = run.plan_batches(run.Request(prompts=('a',), batch_size=8))
   assert [(b.prompts, b.num_real) for b in batches] == [(('a',), 1)]
 
 
@@ -229,48 +233,90 @@ def test_run_img2img_and_inpainting(tmp_path):
 ], ids=lambda x: None if isinstance(x, dict) else x.split(' ')[0])
 def test_validate_rejects_bad_input_with_the_fix(kw, message, monkeypatch):
   monkeypatch.chdir(ROOT)
-  request = sampling_cli.Request(**{'prompts': ('a cat',), **kw})
+  request = run.Request(**{'prompts': ('a cat',), **kw})
   with pytest.raises(ValueError, match=message):
-    sampling_cli.validate(request, SAMPLERS)
+    run.validate(request, SAMPLERS, 8)
 
 
 def test_validate_lists_every_problem_at_once():
-  request = sampling_cli.Request(prompts=('a',), sampler='x', height=30, mask='m.png')
+  request = run.Request(prompts=('a',), sampler='x', height=30, mask='m.png')
   with pytest.raises(ValueError) as info:
-    sampling_cli.validate(request, SAMPLERS)
+    run.validate(request, SAMPLERS, 8)
   assert str(info.value).count('\n  ') == 4  # sampler, height, mask without init, mask missing
+
+
+def test_validate_checks_sizes_against_the_vae_factor_once_known():
+  request = run.Request(prompts=('a',), height=36, width=20)
+  run.validate(request, SAMPLERS)  # before the weights load: no factor yet
+  run.validate(request, SAMPLERS, 2)  # an f=2 VAE (the shapes one)
+  with pytest.raises(ValueError, match='--height 36 is not a positive multiple of 8 .* try 32'):
+    run.validate(request, SAMPLERS, 8)
 
 
 def test_resolve_model(tmp_path):
   config = ml_collections.ConfigDict({'init': str(tmp_path), 'model': {
       'dtype': 'bfloat16', 'param_dtype': 'float32'}})
-  assert sampling_cli.resolve_model(config=config) == sampling_cli.ModelSource(
+  assert sources.resolve_model(config=config) == sources.ModelSource(
       str(tmp_path), 'bfloat16', 'float32')
-  assert sampling_cli.resolve_model(init=str(tmp_path), dtype='float16') == (
-      sampling_cli.ModelSource(str(tmp_path), 'float16', 'float16'))
+  assert sources.resolve_model(init=str(tmp_path), dtype='float16') == (
+      sources.ModelSource(str(tmp_path), 'float16', 'float16'))
   with pytest.raises(ValueError, match='either --workdir'):
-    sampling_cli.resolve_model(init=str(tmp_path), workdir='/ckpt')
+    sources.resolve_model(init=str(tmp_path), workdir='/ckpt')
   with pytest.raises(ValueError, match="workdir '/ckpt' does not exist"):
-    sampling_cli.resolve_model(workdir='/ckpt')
-  assert sampling_cli.resolve_model(workdir=str(tmp_path)).kind == 'workdir'
+    sources.resolve_model(workdir='/ckpt')
+  assert sources.resolve_model(workdir=str(tmp_path)).kind == 'workdir'
   with pytest.raises(ValueError, match='nothing to sample from'):
-    sampling_cli.resolve_model(config=ml_collections.ConfigDict({'init': ''}))
+    sources.resolve_model(config=ml_collections.ConfigDict({'init': ''}))
   with pytest.raises(ValueError, match="'/no/such' does not exist"):
-    sampling_cli.resolve_model(init='/no/such')
+    sources.resolve_model(init='/no/such')
+
+
+def test_resolve_model_single_file_needs_a_tokenizer(tmp_path):
+  ckpt, tok = tmp_path / 'model.safetensors', tmp_path / 'tokenizer'
+  ckpt.write_bytes(b'')
+  tok.mkdir()
+  with pytest.raises(ValueError, match='holds no tokenizer: pass --tokenizer DIR'):
+    sources.resolve_model(init=str(ckpt))
+  assert sources.resolve_model(init=str(ckpt), tokenizer=str(tok)) == sources.ModelSource(
+      str(ckpt), 'float32', 'float32', kind='single_file', tokenizer=str(tok))
+  config = ml_collections.ConfigDict({'init': str(ckpt), 'tokenizer': str(tok), 'model': {
+      'dtype': 'bfloat16', 'param_dtype': 'float32'}})
+  assert sources.resolve_model(config=config).tokenizer == str(tok)
+  with pytest.raises(ValueError, match="tokenizer folder '/no/tok' does not exist"):
+    sources.resolve_model(init=str(ckpt), tokenizer='/no/tok')
+  (tmp_path / 'model.bin').write_bytes(b'')
+  with pytest.raises(ValueError, match=r'not an original checkpoint \(.safetensors or .ckpt\)'):
+    sources.resolve_model(init=str(tmp_path / 'model.bin'), tokenizer=str(tok))
+  with pytest.raises(ValueError, match='--tokenizer does not go with --workdir'):
+    sources.resolve_model(workdir=str(tmp_path), tokenizer=str(tok))
+
+
+def test_resolve_model_rejects_an_unknown_dtype(tmp_path):
+  with pytest.raises(ValueError, match="--dtype 'bf16' is not a dtype: try float32, bfloat16"):
+    sources.resolve_model(init=str(tmp_path), dtype='bf16')
+
+
+def test_load_passes_dtypes_and_tokenizer_to_the_converter(monkeypatch):
+  calls = []
+  monkeypatch.setattr(convert, 'load_single_file', lambda path, **kw: calls.append((path, kw)))
+  source = sources.ModelSource('m.ckpt', 'bfloat16', 'float32', 'single_file', '/tok')
+  sources.load(source)
+  assert calls == [('m.ckpt', {'tokenizer': '/tok', 'dtype': np.dtype('bfloat16'),
+                               'param_dtype': np.dtype('float32')})]
 
 
 def test_the_real_pipeline_takes_our_arguments():
   pipeline = pytest.importorskip('ldm_jax.diffusion.pipeline')
-  request = sampling_cli.Request(prompts=('a',), negative_prompt='b', init_image='i', mask='m')
+  request = run.Request(prompts=('a',), negative_prompt='b', init_image='i', mask='m')
   cond = {'height': 8, 'width': 8, 'init_image': np.zeros((8, 8, 3)), 'mask': np.ones((8, 8, 1))}
-  batch = sampling_cli.plan_batches(request)[0]
-  used = set(sampling_cli.generate_kwargs(request, batch, cond, progress=print))
+  batch = run.plan_batches(request)[0]
+  used = set(run.generate_kwargs(request, batch, cond, progress=print))
   assert used <= set(inspect.signature(pipeline.StableDiffusion.generate).parameters)
   assert tuple(pipeline.SAMPLERS) == SAMPLERS
 
 
 def test_duration():
-  assert [sampling_cli._duration(s) for s in (0.2, 59, 61, 3725)] == ['1s', '59s', '1m01s',
+  assert [run._duration(s) for s in (0.2, 59, 61, 3725)] == ['1s', '59s', '1m01s',
                                                                        '1h02m']
 
 
@@ -279,14 +325,14 @@ def test_duration():
 
 @pytest.fixture
 def sample(monkeypatch):
-  """sample.py with the fake pipeline (installed before import: the real one may not exist)."""
+  """sample.py with the fake pipeline; `sample.loaded` lists the weights it asked for."""
   monkeypatch.syspath_prepend(ROOT)
-  monkeypatch.setitem(sys.modules, 'ldm_jax.diffusion.pipeline', FAKE_PIPELINE)
-  monkeypatch.setattr(ldm_jax.diffusion, 'pipeline', FAKE_PIPELINE, raising=False)
   module = importlib.import_module('sample')
   monkeypatch.setattr(module, 'pipeline', FAKE_PIPELINE)
   loaded = []
   monkeypatch.setattr(convert, 'load_diffusers', lambda path, **kw: loaded.append((path, kw)))
+  monkeypatch.setattr(convert, 'load_single_file',
+                      lambda path, **kw: loaded.append((path, kw)))
   module.loaded = loaded
   return module
 
@@ -323,6 +369,15 @@ def test_sample_main_reads_init_from_config(sample, tmp_path):
   assert json.loads((tmp_path / 'out' / 'samples.jsonl').read_text())['sampler'] == 'ddim'
 
 
+def test_sample_main_from_a_single_file(sample, tmp_path):
+  ckpt, tok = tmp_path / 'model.ckpt', tmp_path / 'tokenizer'
+  ckpt.write_bytes(b'')
+  tok.mkdir()
+  _main(sample, f'--init={ckpt}', f'--tokenizer={tok}', '--prompt=x', f'--out={tmp_path / "out"}')
+  assert sample.loaded[0][0] == str(ckpt) and sample.loaded[0][1]['tokenizer'] == str(tok)
+  assert len(outputs.read_records(str(tmp_path / 'out'))) == 1
+
+
 @pytest.mark.parametrize('args, message', [
     (['--workdir=/ckpt', '--prompt=x'], "workdir '/ckpt' does not exist"),
     (['--prompt=x'], 'nothing to sample from'),
@@ -339,4 +394,97 @@ def test_sample_main_bad_input_is_a_usage_error(sample, tmp_path, args, message)
   args = [a.format(tmp=tmp_path) for a in args]
   with pytest.raises(app.UsageError, match=message):
     _main(sample, *args, f'--out={tmp_path / "out"}')
-  assert not sample.loaded  # rejected before any weights load
+  if not any(a.startswith(('--height', '--width')) for a in args):  # those need the VAE's factor
+    assert not sample.loaded  # rejected before any weights load
+  assert not (tmp_path / 'out').exists()  # and before any sampling
+
+
+# A training workdir as a source: read, never written; only its EMA parameters restored.
+
+
+def _save_run(workdir, config, ema):
+  """A checkpoint as training writes it, whose raw weights and moments differ from the EMA."""
+  from ldm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  shifted = lambda c: jax.tree.map(lambda x: x + c, ema)
+  state = {'step': np.asarray(2, np.int32), 'params': shifted(1.0),
+           'opt_state': {'mu': shifted(2.0), 'nu': shifted(3.0)}, 'ema_params': ema}
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt.save(2, state, {'position': 16}, json.loads(config.to_json_best_effort()))
+  ckpt.close()
+
+
+@pytest.fixture(scope='module', params=[True, False], ids=['joint_text', 'frozen_text'])
+def ldm_run(request, tmp_path_factory):
+  """(ldm workdir, clip workdir or None, their EMA trees): the shapes runs, random weights.
+
+  The text encoder is trained with the U-Net, or frozen and taken from a clip-stage run. The
+  saved config keeps `vocab_size` 0 (the tokenizer's), as the shapes config has it.
+  """
+  from ldm_jax.models import build  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from configs import shapes  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('ldm'))
+  config = shapes.get_config('ldm,runlocal')
+  config.allow_random_vae = True
+  tok = weights.tokenizer(config, save_to=os.path.join(workdir, 'tokenizer'))
+  sized = ml_collections.ConfigDict(config.to_dict())
+  sized.model.text_encoder.vocab_size = len(tok)
+  nets = build.networks_from_config(sized.model)
+  text = build.random_params(nets['text_encoder'], 2)
+  ema = {'unet': build.random_params(nets['unet'], 1)}
+  clip = None
+  if request.param:
+    ema['text_encoder'] = text
+  else:
+    clip = str(tmp_path_factory.mktemp('clip'))
+    _save_run(clip, shapes.get_config('clip,runlocal'),
+              {'text_encoder': text, 'text_projection': {'kernel': np.ones((64, 8), np.float32)}})
+    config.text_encoder.trainable = False
+    config.text_encoder.workdir = clip
+  _save_run(workdir, config, ema)
+  return workdir, clip, ema, text
+
+
+def _snapshot(folder):
+  """Every path under `folder` with the sha256 of its bytes (None for a folder)."""
+  entries = {}
+  for root, dirs, files in os.walk(folder):
+    for name in dirs:
+      entries[os.path.relpath(os.path.join(root, name), folder)] = None
+    for name in files:
+      with open(os.path.join(root, name), 'rb') as f:
+        entries[os.path.relpath(os.path.join(root, name), folder)] = (
+            hashlib.sha256(f.read()).hexdigest())
+  return entries
+
+
+def test_sampling_from_a_workdir_reads_only_its_ema_weights(ldm_run, monkeypatch):
+  from ldm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from ldm_jax.diffusion import pipeline  # pylint: disable=g-import-not-at-top
+  workdir, clip, ema, text = ldm_run
+  before = [_snapshot(w) for w in (workdir, clip) if w]
+  reads, read = [], checkpoint.read_checkpoint
+
+  def spy(path, item='state', step=None, only=None):
+    reads.append((item, only))
+    return read(path, item, step, only)
+
+  monkeypatch.setattr(checkpoint, 'read_checkpoint', spy)
+  components = sources.load(sources.resolve_model(workdir=workdir))
+  sd = pipeline.StableDiffusion(components)
+  assert [_snapshot(w) for w in (workdir, clip) if w] == before  # byte for byte, nothing added
+  assert {r for r in reads if r[0] == 'state'} == {('state', 'ema_params')}
+  for got, want in ((components.unet[1], ema['unet']), (components.text_encoder[1], text)):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # the EMA, not the raw weights
+  assert components.text_encoder[0].config.vocab_size == len(components.tokenizer)
+  assert sd.vae_scale == 2  # the shapes VAE's real factor: sizes are checked against it
+  run.validate(run.Request(prompts=('a red circle',), height=36, width=36), SAMPLERS,
+               sd.vae_scale)
+
+
+def test_a_workdir_of_another_stage_is_refused(monkeypatch, tmp_path):
+  monkeypatch.setattr(weights, 'run_config', lambda workdir: ml_collections.ConfigDict(
+      {'stage': 'vae'}))
+  with pytest.raises(ValueError, match="trained the 'vae' stage; sampling needs an ldm run"):
+    sources.from_workdir(str(tmp_path))

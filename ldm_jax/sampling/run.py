@@ -1,4 +1,4 @@
-"""The logic behind sample.py: checking a request, seeded batches of prompts, running them."""
+"""A sampling run: checking a request, seeded batches of prompts, running them into files."""
 
 import dataclasses
 import math
@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-from ldm_jax.diffusion import outputs
+from ldm_jax.diffusion import pipeline
+from ldm_jax.sampling import outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Request:
   height: int | None = None  # None: the init image's size, else the model's native size
   width: int | None = None
   init_image: str | None = None  # a path; img2img (or inpainting with `mask`)
-  strength: float | None = None  # None: 0.8 for img2img, 1.0 with a mask (diffusers' defaults)
+  strength: float | None = None  # None: pipeline.default_strength (0.8, or 1.0 with a mask)
   mask: str | None = None  # a path; white = repaint
   out_dir: str = 'samples'
   batch_size: int = 1  # images per generate call
@@ -39,15 +40,6 @@ class Batch:
   num_real: int  # keep the first num_real images; the rest pad the last call to full size
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-  """Where the weights come from and the dtypes to load them in."""
-  path: str
-  dtype: str
-  param_dtype: str
-  kind: str = 'diffusers'  # or 'workdir': our own training run (its latest EMA weights)
-
-
 def read_prompts(prompts=(), prompts_file=None):
   """The prompts given one by one, then those of `prompts_file` (one a line, blanks skipped)."""
   prompts = [p for p in prompts or ()]
@@ -59,38 +51,17 @@ def read_prompts(prompts=(), prompts_file=None):
   return prompts  # `validate` says what to do when there are none
 
 
-def resolve_model(init=None, config=None, workdir=None, dtype=None):
-  """Picks the weights to sample from: --workdir, or --init, else config.init.
+def validate(request, samplers, scale_factor=None):
+  """Raises ValueError listing every problem with `request`, each with its fix.
+
+  The size and strength rules are the pipeline's (`pipeline.input_problems`), named by flag.
 
   Args:
-    init: a diffusers folder (--init); wins over `config.init`.
-    config: an experiment ConfigDict or None; its `init` and `model.dtype/param_dtype` are used.
-    workdir: a training workdir (an ldm-stage run); its latest checkpoint's EMA weights.
-    dtype: compute dtype name overriding the config's (default: config's, else float32).
-
-  Returns:
-    ModelSource.
+    request: a Request.
+    samplers: the sampler names the pipeline knows.
+    scale_factor: the VAE's downsampling factor (`StableDiffusion.vae_scale`); None leaves
+      --height/--width unchecked, for a check before the weights are loaded.
   """
-  if workdir:
-    if init:
-      raise ValueError('give either --workdir (a training run) or --init (a diffusers folder)')
-    if not os.path.isdir(workdir):
-      raise ValueError(f'training workdir {workdir!r} does not exist')
-    return ModelSource(workdir, 'float32', 'float32', kind='workdir')
-  path = init or (config.get('init') if config is not None else None)
-  if not path:
-    raise ValueError('nothing to sample from: pass --init DIR (a diffusers folder with '
-                     'model_index.json) or a --config whose `init` names one')
-  if not os.path.isdir(path):
-    raise ValueError(f'model folder {path!r} does not exist: --init (or config.init) must name '
-                     'a diffusers folder holding model_index.json, unet/, vae/, ...')
-  model = config.get('model') if config is not None else None
-  dtype = dtype or (model.dtype if model else 'float32')
-  return ModelSource(path, dtype, model.param_dtype if model else dtype)
-
-
-def validate(request, samplers):
-  """Raises ValueError listing every problem with `request`, each with its fix."""
   r = request
   problems = []
   if not r.prompts:
@@ -101,15 +72,9 @@ def validate(request, samplers):
   for name in ('num_images', 'steps', 'batch_size'):
     if getattr(r, name) < 1:
       problems.append(f'--{name} is {getattr(r, name)}; it must be at least 1')
-  for name in ('height', 'width'):
-    size = getattr(r, name)
-    if size is not None and (size < 8 or size % 8):
-      fixed = max(8, size // 8 * 8)
-      problems.append(f'--{name} {size} is not a positive multiple of 8 (the VAE downsamples by '
-                      f'8): try {fixed}')
-  if r.strength is not None and not 0 < r.strength <= 1:
-    problems.append(f'--strength {r.strength} is outside (0, 1]: 1 repaints fully, small values '
-                    'stay close to --init_image')
+  sizes = {} if scale_factor is None else dict(height=r.height, width=r.width,
+                                                scale_factor=scale_factor)
+  problems += ['--' + p for p in pipeline.input_problems(strength=r.strength, **sizes)]
   if r.mask and not r.init_image:
     problems.append('--mask needs --init_image: the mask marks which pixels of it to repaint')
   for flag, path in (('init_image', r.init_image), ('mask', r.mask)):
@@ -163,10 +128,10 @@ def conditioning(request):
 
 
 def strength(request):
-  """The img2img/inpainting strength: the request's, else diffusers' default for the mode."""
+  """The img2img/inpainting strength: the request's, else the pipeline's default for the mode."""
   if request.strength is not None:
     return request.strength
-  return 1.0 if request.mask else 0.8
+  return pipeline.default_strength(bool(request.mask))
 
 
 def generate_kwargs(request, batch, cond, progress=None):

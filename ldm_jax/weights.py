@@ -147,6 +147,14 @@ def tokenizer(config, save_to=None):
   return tok
 
 
+def fill_vocab_size(config, tok):
+  """Sets `model.text_encoder.vocab_size` to the tokenizer's size where the config says 0 (as
+  many as the tokenizer has)."""
+  if not dict(config.model.text_encoder).get('vocab_size', 1):
+    with config.unlocked():
+      config.model.text_encoder.vocab_size = len(tok)
+
+
 def run_tokenizer(workdir, config):
   """A training run's tokenizer: the copy it kept in `<workdir>/tokenizer`, else the one its
   config names. Reads only: the workdir is left as it is."""

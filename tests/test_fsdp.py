@@ -41,7 +41,7 @@ def _with_shardings(tree, shardings):
 
 def test_sd15_step_compiles_ahead_of_time_with_fsdp_8(monkeypatch):
   monkeypatch.setattr(weights, 'ldm_weights', _abstract_weights)
-  monkeypatch.setattr(stages.LDMStage, 'encode_empty_caption',
+  monkeypatch.setattr(stages.ldm.LDMStage, 'encode_empty_caption',
                       lambda self: jnp.zeros((1, 77, 768), jnp.bfloat16))
   config = config_check.load_config(os.path.join(ROOT, 'configs', 'sd15.py'))
   config.mesh = (('data', 1), ('fsdp', 8))

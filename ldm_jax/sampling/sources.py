@@ -145,10 +145,9 @@ def from_workdir(workdir, dtype=None):
   if config.stage != 'ldm':
     raise ValueError(f'{workdir} trained the {config.stage!r} stage; sampling needs an ldm run')
   tok = weights.run_tokenizer(workdir, config)
-  with config.unlocked():
-    if not dict(config.model.text_encoder).get('vocab_size', 1):  # 0: the tokenizer's size
-      config.model.text_encoder.vocab_size = len(tok)
-    if dtype:
+  weights.fill_vocab_size(config, tok)
+  if dtype:
+    with config.unlocked():
       config.model.dtype = dtype
   train_text = bool(config.text_encoder.trainable)
   nets = weights.ldm_weights(config, train_text)

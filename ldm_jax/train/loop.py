@@ -56,9 +56,7 @@ def setup(config, workdir):
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
   tok = weights.tokenizer(config, os.path.join(workdir, 'tokenizer')
                           if distributed.is_main() else None)
-  if not dict(config.model.text_encoder).get('vocab_size', 1):  # 0: as many as the tokenizer has
-    with config.unlocked():
-      config.model.text_encoder.vocab_size = len(tok)
+  weights.fill_vocab_size(config, tok)
   stage = stages.build_stage(config, tok)
   data_config = pipeline.LoaderConfig.from_config(config.data)
   if data_config.batch_size % mesh.size:

@@ -3,6 +3,7 @@ encoder trained jointly) over a frozen VAE."""
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ class LDMStage(base.Stage):
     """With `precompute_latents`, the data encoded once into `<workdir>/precomputed`."""
     if not self.config.precompute_latents:
       return data_config
-    return self.precompute(data_config, f'{workdir}/precomputed')
+    return self.precompute(data_config, os.path.join(workdir, 'precomputed'))
 
   def precompute(self, data_config, directory):
     """Encodes the training data once with the frozen VAE (and frozen text encoder) into

@@ -125,9 +125,15 @@ def test_load_mask_is_single_channel_zero_one(tmp_path):
 
 
 def test_image_size_rounds_down_to_multiples_of_8(tmp_path):
-  assert outputs.image_size(_png(tmp_path / 'a.png', size=(45, 30))) == (24, 40)
+  assert outputs.image_size(_png(tmp_path / 'a.png', size=(45, 30)), 8) == (24, 40)
   with pytest.raises(ValueError, match='at least 8x8'):
-    outputs.image_size(_png(tmp_path / 'b.png', size=(7, 30)))
+    outputs.image_size(_png(tmp_path / 'b.png', size=(7, 30)), 8)
+
+
+def test_image_size_rounds_to_the_vae_factor(tmp_path):
+  assert outputs.image_size(_png(tmp_path / 'a.png', size=(45, 31)), 2) == (30, 44)  # f=2 VAE
+  with pytest.raises(ValueError, match='at least 16x16'):
+    outputs.image_size(_png(tmp_path / 'b.png', size=(15, 30)), 16)
 
 
 def test_missing_or_unreadable_image_names_the_path(tmp_path):

@@ -108,12 +108,14 @@ def _open(path, what):
   return ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
 
 
-def image_size(path, what='image'):
-  """The (height, width) of the image at `path`, each rounded down to a multiple of 8."""
+def image_size(path, multiple, what='image'):
+  """The (height, width) of the image at `path`, each rounded down to a multiple of `multiple`
+  (the VAE's downsampling factor)."""
   width, height = _open(path, what).size
-  if height < 8 or width < 8:
-    raise ValueError(f'{what} {path!r} is {width}x{height}; it needs at least 8x8 pixels')
-  return height // 8 * 8, width // 8 * 8
+  if height < multiple or width < multiple:
+    raise ValueError(f'{what} {path!r} is {width}x{height}; it needs at least '
+                     f'{multiple}x{multiple} pixels')
+  return height // multiple * multiple, width // multiple * multiple
 
 
 def load_image(path, height, width):

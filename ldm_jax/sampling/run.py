@@ -107,11 +107,11 @@ def plan_batches(request):
   return batches
 
 
-def conditioning(request):
+def conditioning(request, scale_factor):
   """The size and image arguments of generate: height/width, init image and mask arrays.
 
-  Without --height/--width an init image sets the size (rounded down to multiples of 8);
-  without either the pipeline picks the model's native size.
+  Without --height/--width an init image sets the size (rounded down to multiples of the VAE's
+  downsampling factor `scale_factor`); without either the pipeline picks the model's native size.
 
   Returns:
     A dict with `height`, `width` (ints or None), `init_image` (float32 (H, W, 3) in [-1, 1]
@@ -119,7 +119,7 @@ def conditioning(request):
   """
   height, width, init_image, mask = request.height, request.width, None, None
   if request.init_image:
-    native_h, native_w = outputs.image_size(request.init_image, 'init image')
+    native_h, native_w = outputs.image_size(request.init_image, scale_factor, 'init image')
     height, width = height or native_h, width or native_w
     init_image = outputs.load_image(request.init_image, height, width)
     if request.mask:
@@ -212,7 +212,8 @@ def run(sd, request, log=print):
   """Generates every image of `request` with `sd` and writes them to `request.out_dir`.
 
   Args:
-    sd: an object with StableDiffusion's `generate(prompts, *, ...) -> uint8 (N, H, W, 3)`.
+    sd: an object with StableDiffusion's `generate(prompts, *, ...) -> uint8 (N, H, W, 3)` and
+      `vae_scale`.
     request: a Request (call `validate` first).
     log: where progress lines go.
 
@@ -220,7 +221,7 @@ def run(sd, request, log=print):
     The samples.jsonl records written, one per image.
   """
   batches = plan_batches(request)
-  cond = conditioning(request)
+  cond = conditioning(request, sd.vae_scale)
   total = sum(b.num_real for b in batches)
   log(f'sampling {total} images in {len(batches)} calls of {len(batches[0].prompts)} '
       f'({request.sampler}, {request.steps} steps, guidance {request.guidance}) '

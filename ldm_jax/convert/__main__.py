@@ -8,8 +8,12 @@
 The source format is detected: a file is a single-file checkpoint (.safetensors or .ckpt, read
 without torch), a folder with model_index.json a diffusers pipeline, a folder with
 ldm_jax_orbax.json our Orbax layout (see `orbax_io`). `single_file` output also writes the
-original LDM YAML beside the file (OUT with a .yaml suffix). A summary of what was converted is
-printed: parameter counts per network, dtypes, and for single files the detected model type.
+original LDM YAML beside the file (OUT with a .yaml suffix), and both the file's metadata and
+the YAML hold the exact configs, so the file converts back to the same model. A single-file
+source is described by, first found first: the flags (--prediction_type, --image_size,
+--scaling_factor; --config or --original_config), the file's metadata, the YAML beside it, the
+SD conventions. A summary of what was converted is printed: parameter counts per network,
+dtypes, and for single files the detected model type and where each setting came from.
 """
 
 import argparse
@@ -101,6 +105,8 @@ def summary(components):
                f'{sched.get("prediction_type", "epsilon")}; VAE scaling factor '
                f'{components.vae[0].config.scaling_factor}; tokenizer '
                f'{"yes" if components.tokenizer is not None else "none"}')
+  lines.append(f'  sample sizes  VAE {components.vae[0].config.sample_size} px, U-Net '
+               f'{components.unet[0].config.sample_size} latent px')
   return lines
 
 

@@ -217,4 +217,28 @@ def _save_component(path, name, config, state):
     config = config | {'_diffusers_version': _DIFFUSERS_VERSION}
   config_io.write_json(config, os.path.join(folder, 'config.json'))
   filename = _WEIGHTS_NAME[name] + '.safetensors'
-  st_numpy.save_file(state, os.path.join(folder, filename), metadata={'format': 'pt'})
+  save_safetensors(state, os.path.join(folder, filename), {'format': 'pt'})
+
+
+def save_safetensors(state, path, metadata):
+  """`safetensors.numpy.save_file` with the permissions a plain `open()` gives (umask applied).
+
+  safetensors writes a private temporary file (mode 0600) and renames it into place; the weights
+  are no secret, so they get the mode of every other file we write (0644 under umask 022).
+  """
+  st_numpy.save_file(state, path, metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask():
+  """The process umask: read from /proc on Linux (os.umask alone can only read it by setting it)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask

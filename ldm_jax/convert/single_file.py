@@ -3,14 +3,23 @@
 Reading maps the CompVis keys to diffusers keys (`compvis`), builds the three networks' configs
 (`single_file_config`) and loads them through the same checked table as diffusers folders
 (`tables.to_flax`), so a file either loads whole or fails listing every key that does not fit.
+
+What describes the model, first found first (each setting's source is in the report):
+  1. arguments: prediction_type, image_size, scaling_factor;
+  2. config= (a diffusers folder) or config_yaml= (the original YAML) when given;
+  3. the file's own metadata, which ldm_jax writes (`single_file_config.METADATA_KEYS`);
+  4. the YAML beside the file (same name, .yaml), read when neither 2 nor 3 is there;
+  5. the tensors' shapes and the SD conventions (files from the wild).
 """
 
 import dataclasses
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 from safetensors import numpy as st_numpy
 
 from ldm_jax.convert import ckpt
@@ -38,6 +47,8 @@ class LoadReport:
   configs_from: str
   tokenizer_from: str | None
   ignored_keys: list
+  scheduler_from: str = ''
+  notes: tuple = ()  # which YAML was read or passed over, and why
 
   def lines(self):
     s = self.settings
@@ -45,10 +56,12 @@ class LoadReport:
     tokenizer = self.tokenizer_from or 'none (a single file has none: pass a tokenizer folder)'
     return [
         f'{self.path}: {self.file_format}, {"/".join(self.file_dtypes)}, {self.model_type}',
+        *(f'  {note}' for note in self.notes),
         f'  EMA weights: {self.ema}; architecture from {self.configs_from}',
         f'  image size {s.image_size} ({src("image_size")}), prediction {s.prediction_type} '
         f'({src("prediction_type")}), VAE scaling factor {s.scaling_factor} '
         f'({src("scaling_factor")})',
+        f'  scheduler config from {self.scheduler_from}',
         f'  tokenizer: {tokenizer}',
         f'  {len(self.ignored_keys)} non-network entries skipped (noise-schedule buffers, ...)',
     ]
@@ -78,6 +91,24 @@ def read_checkpoint(path):
       f'{head[:8]!r})')
 
 
+def read_metadata(path):
+  """A safetensors file's `__metadata__` (str -> str); {} for a .ckpt or a file without any."""
+  with open(path, 'rb') as f:
+    if f.read(9)[8:9] != b'{':
+      return {}
+  try:
+    with safetensors.safe_open(path, framework='numpy') as f:
+      return dict(f.metadata() or {})
+  except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+    raise diffusers_lib.ConversionError(f'{path} is not a readable safetensors file ({e})') from e
+
+
+def yaml_beside(path):
+  """The YAML beside a single file (same name, .yaml), or None when there is none."""
+  candidate = os.path.splitext(path)[0] + '.yaml'
+  return candidate if os.path.isfile(candidate) else None
+
+
 def _state_dict(obj, path):
   while isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
     obj = obj['state_dict']  # Lightning: {'state_dict': ..., 'global_step': ..., ...}
@@ -101,13 +132,54 @@ class MappedCheckpoint:
   settings: sfc.Settings
   configs_from: str
   ignored_keys: list
+  scheduler_from: str = ''
+  notes: tuple = ()
 
 
-def map_checkpoint(state, *, config=None, config_yaml=None, use_ema=True, prediction_type=None,
-                   image_size=None, scaling_factor=None, dtype=jnp.float32, param_dtype=None):
+@dataclasses.dataclass
+class _Described:
+  """What describes a file beyond its shapes (see the module doc), with the sources' names."""
+  folder: dict | None = None  # {'unet', 'vae', 'text_encoder', 'scheduler': config dict}
+  folder_from: str = 'config folder'
+  original: dict | None = None  # the LDM YAML's model.params
+  original_from: str = 'original config'
+  notes: tuple = ()
+  where: str = ''  # the folder's (or description's) whereabouts, for the report
+
+
+def _describe(config, config_yaml, metadata, beside):
+  """Arguments > the file's metadata > the YAML beside it (only when neither is there)."""
+  if config is not None or config_yaml is not None:
+    original, section, note = (sfc.read_yaml(config_yaml) if config_yaml is not None else
+                               (None, None, None))
+    notes = (f'original config: {note}',) if note else ()
+    if config is not None:
+      return _Described(sfc.read_config_folder(config), original=original, notes=notes,
+                        where=f'config folder {config}')
+    return _Described(section, 'original config', original, notes=notes,
+                      where='original config (its ldm_jax: section)')
+  from_metadata = sfc.description_from_metadata(metadata or {})
+  if from_metadata is not None:
+    notes = (f'the YAML beside it ({beside}) was not read: the file\'s metadata describes the '
+             'model (pass it as --original_config to use it)',) if beside else ()
+    return _Described(from_metadata, 'metadata', notes=notes, where='metadata')
+  if beside is not None:
+    logging.info('reading the YAML beside the single file: %s', beside)
+    original, section, note = sfc.read_yaml(beside, f'the YAML beside the file ({beside})')
+    notes = (f'read the YAML beside it: {beside}',) + ((note,) if note else ())
+    return _Described(section, 'YAML beside', original, 'YAML beside', notes,
+                      f'YAML beside ({beside}, its ldm_jax: section)')
+  return _Described()
+
+
+def map_checkpoint(state, *, config=None, config_yaml=None, metadata=None, yaml_beside=None,
+                   use_ema=True, prediction_type=None, image_size=None, scaling_factor=None,
+                   dtype=jnp.float32, param_dtype=None):
   """Detects the model type, picks the EMA weights, renames the keys and builds the configs.
 
-  Arguments as in `load_single_file`; the arrays are renamed, not copied or cast.
+  Arguments as in `load_single_file`, plus the file's safetensors `metadata` and the path of the
+  YAML beside it (`yaml_beside`), both used only as the module doc says. The arrays are renamed,
+  not copied or cast.
 
   Returns:
     MappedCheckpoint.
@@ -115,12 +187,12 @@ def map_checkpoint(state, *, config=None, config_yaml=None, use_ema=True, predic
   model_type = compvis.detect_model_type(state)
   state, ema = compvis.select_ema(state, use_ema)
   parts, ignored = compvis.split(state)
-  folder = sfc.read_config_folder(config) if config is not None else None
-  original = sfc.read_original_config(config_yaml) if config_yaml is not None else None
-  settings = sfc.resolve_settings(model_type, original, folder, image_size=image_size,
-                                  prediction_type=prediction_type, scaling_factor=scaling_factor)
-  with_projection = folder is not None and 'CLIPTextModelWithProjection' in (
-      folder['text_encoder'].get('architectures') or [])
+  d = _describe(config, config_yaml, metadata, yaml_beside)
+  settings = sfc.resolve_settings(
+      model_type, d.original, d.folder, image_size=image_size, prediction_type=prediction_type,
+      scaling_factor=scaling_factor, original_from=d.original_from, folder_from=d.folder_from)
+  with_projection = d.folder is not None and 'CLIPTextModelWithProjection' in (
+      d.folder['text_encoder'].get('architectures') or [])
   states = {'unet': compvis.unet_to_diffusers(parts['unet']),
             'vae': compvis.vae_to_diffusers(parts['vae'])}
   if model_type.text_encoder == 'openclip':
@@ -128,13 +200,17 @@ def map_checkpoint(state, *, config=None, config_yaml=None, use_ema=True, predic
   else:
     states['text_encoder'] = compvis.clip_to_diffusers(parts['clip'])
   runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype)
-  configs = _configs(states, model_type, settings, original, folder, runtime)
-  configs_from = ('config folder ' + str(config) if folder is not None else
-                  'tensor shapes + original config' if original is not None else
-                  'tensor shapes + SD conventions')
-  scheduler = sfc.scheduler_config(model_type, settings, original, folder)
+  configs = _configs(states, model_type, settings, d, runtime)
+  if d.folder is not None:
+    configs_from = scheduler_from = d.where
+  else:
+    configs_from = ('tensor shapes + ' + d.original_from if d.original is not None else
+                    'tensor shapes + SD conventions')
+    scheduler_from = f'default for {str(model_type).split(" (")[0]}' + (
+        f', betas from {d.original_from}' if d.original is not None else '')
+  scheduler = sfc.scheduler_config(model_type, settings, d.original, d.folder)
   return MappedCheckpoint(states, configs, scheduler, model_type, ema, settings, configs_from,
-                          ignored)
+                          ignored, scheduler_from, d.notes)
 
 
 def load(path, *, tokenizer=None, **kwargs):
@@ -145,7 +221,8 @@ def load(path, *, tokenizer=None, **kwargs):
   """
   state, file_format = read_checkpoint(path)
   file_dtypes = tuple(sorted({str(v.dtype) for v in state.values()}))
-  mapped = map_checkpoint(state, **kwargs)
+  metadata = read_metadata(path) if file_format == 'safetensors' else {}
+  mapped = map_checkpoint(state, metadata=metadata, yaml_beside=yaml_beside(path), **kwargs)
   unet_config, vae_config, text_config = mapped.configs
   modules = {'unet': unet_lib.UNet2DConditionModel(unet_config),
              'vae': vae_lib.AutoencoderKL(vae_config),
@@ -157,7 +234,8 @@ def load(path, *, tokenizer=None, **kwargs):
       unet=nets['unet'], vae=nets['vae'], text_encoder=nets['text_encoder'], tokenizer=tok,
       scheduler_config=mapped.scheduler_config)
   report = LoadReport(str(path), file_format, file_dtypes, mapped.model_type, mapped.ema,
-                      mapped.settings, mapped.configs_from, tokenizer_from, mapped.ignored_keys)
+                      mapped.settings, mapped.configs_from, tokenizer_from, mapped.ignored_keys,
+                      mapped.scheduler_from, mapped.notes)
   return components, report
 
 
@@ -166,15 +244,19 @@ def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, predi
                      tokenizer=None):
   """Loads an original Stable Diffusion single-file checkpoint into `Components`.
 
-  The model type (SD 1.x, 2.x, inpainting) is detected from the keys; widths and depths come
-  from the tensors' shapes. torch is never imported; a .ckpt's pickle may only rebuild tensors.
+  A file written by ldm_jax describes itself (its metadata, else the YAML written beside it), so
+  it loads back exactly as it was saved. For files from the wild the model type (SD 1.x, 2.x,
+  inpainting) is detected from the keys; widths and depths come from the tensors' shapes. The
+  module doc has the precedence. torch is never imported; a .ckpt's pickle may only rebuild
+  tensors.
 
   Args:
     path: a .safetensors or .ckpt (torch zip) file in the CompVis/Stability layout.
     config: a diffusers folder whose configs (and tokenizer/, if any) describe the model, as in
       diffusers' `from_single_file(config=...)`; needed for models off the SD conventions.
     config_yaml: the original LDM YAML (path or parsed dict): heads, prediction type, VAE scale,
-      betas; its architecture fields are checked against the tensors.
+      betas; its architecture fields are checked against the tensors. Without config and
+      config_yaml, the file's own metadata, else the YAML beside it (path with .yaml), is used.
     use_ema: take the EMA U-Net weights (`model_ema.*`) when the file has them.
     prediction_type: 'epsilon', 'v_prediction' or 'sample'; overrides the YAML and the default.
     image_size: the native image size in pixels (default 512; 768 for SD 2.x v-prediction).
@@ -198,13 +280,13 @@ def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, predi
               tokenizer=tokenizer)[0]
 
 
-def _configs(states, model_type, settings, original, folder, runtime):
-  if folder is not None:
-    return sfc.configs_from_folder(folder, settings, **runtime)
+def _configs(states, model_type, settings, described, runtime):
+  if described.folder is not None:
+    return sfc.configs_from_folder(described.folder, settings, described.folder_from, **runtime)
   try:
     vae = sfc.vae_config(states['vae'], settings, **runtime)
-    unet = sfc.unet_config(states['unet'], model_type, settings, vae.downsample_factor, original,
-                           **runtime)
+    unet = sfc.unet_config(states['unet'], model_type, settings, vae.downsample_factor,
+                           described.original, **runtime)
     text = sfc.text_config(states['text_encoder'], model_type, **runtime)
   except (KeyError, StopIteration) as e:
     raise diffusers_lib.ConversionError(
@@ -265,19 +347,26 @@ def single_file_state(components, text_layout=None):
 def save_single_file(components, path, *, dtype=np.float32, text_layout=None, config_yaml=None):
   """Writes `components` as one CompVis-layout safetensors file (what `from_single_file` reads).
 
+  The file's metadata also holds the four configs (`single_file_config.METADATA_KEYS`), so that
+  `load_single_file` gets the same model back: prediction type, VAE scale, sample sizes,
+  scheduler and any non-SD architecture. Other readers ignore it.
+
   Args:
     components: Components.
     path: the .safetensors file to write.
     dtype: the stored dtype (float32, float16 or bfloat16).
     text_layout: see `single_file_state`.
     config_yaml: where to also write the original LDM YAML describing the model (optional): it
-      carries what shapes cannot (heads, prediction type, VAE scale, betas).
+      carries what shapes cannot (heads, prediction type, VAE scale, betas), and our configs.
   """
   state = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in
            single_file_state(components, text_layout).items()}
+  metadata = {'format': 'pt'} | sfc.metadata(components)
+  # Built before anything is written: a model LDM's YAML cannot describe leaves no file behind.
+  original = sfc.original_config(components) if config_yaml is not None else None
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  st_numpy.save_file(state, path, metadata={'format': 'pt'})
+  diffusers_lib.save_safetensors(state, path, metadata)
   if config_yaml is not None:
     import yaml  # pylint: disable=g-import-not-at-top  (only when a YAML is asked for)
     with open(config_yaml, 'w') as f:
-      yaml.safe_dump(sfc.original_config(components), f, sort_keys=False)
+      yaml.safe_dump(original, f, sort_keys=False)

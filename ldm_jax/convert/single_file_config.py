@@ -1,14 +1,20 @@
 """The network configs of a single-file checkpoint: from its shapes, its original YAML or a folder.
 
-A single file holds weights only. Widths, depths, levels, channels and context size are read off
-the tensors' shapes; what shapes cannot tell comes from the original LDM YAML when given (heads,
-prediction type, VAE scale, betas) and otherwise from the SD family's conventions:
+A single file from the wild holds weights only. Widths, depths, levels, channels and context size
+are read off the tensors' shapes; what shapes cannot tell comes from the original LDM YAML when
+given (heads, prediction type, VAE scale, betas) and otherwise from the SD family's conventions:
 32 norm groups (LDM hard-codes them), 8 heads per level in SD 1.x, 64-wide heads in SD 2.x and in
 both text encoders. A diffusers folder (`config=`) instead fixes every setting, as in diffusers'
 own `from_single_file(config=...)`.
+
+A file written by ldm_jax describes itself exactly: its safetensors `__metadata__` holds the four
+diffusers configs as JSON (`METADATA_KEYS`), and the YAML written beside it holds them again in an
+`ldm_jax:` section next to LDM's `model:` (which the original code and diffusers read). Either is
+a "description": {'unet', 'vae', 'text_encoder', 'scheduler': config dict}, used like a folder.
 """
 
 import dataclasses
+import json
 import os
 import re
 
@@ -19,6 +25,11 @@ from ldm_jax.models import unet as unet_lib
 from ldm_jax.models import vae as vae_lib
 
 DEFAULT_SCALING_FACTOR = 0.18215
+# Description part -> the safetensors metadata key (and, less the prefix, the YAML section's key).
+METADATA_KEYS = {'unet': 'ldm_jax.unet_config', 'vae': 'ldm_jax.vae_config',
+                 'text_encoder': 'ldm_jax.text_encoder_config',
+                 'scheduler': 'ldm_jax.scheduler_config'}
+YAML_SECTION = 'ldm_jax'
 _PREDICTION = {'eps': 'epsilon', 'v': 'v_prediction', 'x0': 'sample'}
 # LDM's beta_schedule names -> diffusers' (LDM's 'linear' is linear in sqrt(beta)).
 _SCHEDULES = {'linear': 'scaled_linear', 'sqrt_linear': 'linear', 'cosine': 'squaredcos_cap_v2'}
@@ -36,6 +47,16 @@ class Settings:
 
 def read_original_config(config_yaml):
   """The original LDM YAML (a path or an already parsed dict) -> its `model.params` dict."""
+  return read_yaml(config_yaml)[0]
+
+
+def read_yaml(config_yaml, name='the original config'):
+  """An LDM YAML (a path or a parsed dict) -> (`model.params`, description or None, note or None).
+
+  The `ldm_jax:` section describes the model only while `model:` still says what ldm_jax wrote
+  beside it: a YAML whose `model:` was edited describes the model by `model:` alone (the note
+  says so), so an edit is never silently overridden by a stale section.
+  """
   if isinstance(config_yaml, (str, os.PathLike)):
     import yaml  # pylint: disable=g-import-not-at-top  (only when a YAML is given)
     with open(config_yaml) as f:
@@ -43,18 +64,89 @@ def read_original_config(config_yaml):
   params = (config_yaml or {}).get('model', {}).get('params')
   if not isinstance(params, dict) or 'unet_config' not in params:
     raise diffusers_lib.ConversionError(
-        'the original config has no model.params.unet_config: expected an LDM/Stability YAML '
-        'such as v1-inference.yaml or v2-inference-v.yaml')
-  return params
+        f'{name} has no model.params.unet_config: expected an LDM/Stability YAML such as '
+        'v1-inference.yaml or v2-inference-v.yaml')
+  section = config_yaml.get(YAML_SECTION)
+  if section is None:
+    return params, None, None
+  if not isinstance(section, dict):
+    raise diffusers_lib.ConversionError(f'{name}: its {YAML_SECTION}: section is not a mapping')
+  description = _description(
+      {part: section.get(key.removeprefix(YAML_SECTION + '.'))
+       for part, key in METADATA_KEYS.items()}, f'{name} ({YAML_SECTION}: section)')
+  if _ldm_model(*configs_of(description), description['scheduler']) != config_yaml['model']:
+    return params, None, (f'its {YAML_SECTION}: section was ignored: model: was edited since '
+                          'ldm_jax wrote it, so model: alone describes the model')
+  return params, description, None
+
+
+def description_from_metadata(metadata, name='the file'):
+  """A safetensors file's `__metadata__` -> the description ldm_jax wrote there, or None."""
+  if not any(key in metadata for key in METADATA_KEYS.values()):
+    return None
+  parts = {}
+  for part, key in METADATA_KEYS.items():
+    try:
+      parts[part] = json.loads(metadata[key]) if key in metadata else None
+    except json.JSONDecodeError as e:
+      raise diffusers_lib.ConversionError(
+          f'{name}: its metadata {key} is not JSON ({e}): the file was altered; pass config= a '
+          'diffusers folder (--config) that describes the model') from e
+  return _description(parts, f'{name} (metadata)')
+
+
+def _description(parts, name):
+  missing = [METADATA_KEYS[part] for part, value in parts.items() if not isinstance(value, dict)]
+  if missing:
+    raise diffusers_lib.ConversionError(
+        f'{name} lacks {", ".join(missing)} (or they are not mappings): it describes the model in '
+        'part only; pass config= a diffusers folder (--config) that describes it whole')
+  return parts
+
+
+def describe(components):
+  """The description of `components`: its networks' diffusers configs, its scheduler config."""
+  parts = {'unet': components.unet[0].config.to_diffusers(),
+           'vae': components.vae[0].config.to_diffusers(),
+           'text_encoder': components.text_encoder[0].config.to_transformers(),
+           'scheduler': dict(components.scheduler_config)}
+  return json.loads(json.dumps(parts, default=_plain))  # plain JSON types, as read back
+
+
+def _plain(value):
+  if hasattr(value, 'tolist'):  # numpy scalars and arrays (trained_betas, ...)
+    return value.tolist()
+  raise TypeError(f'{value!r} ({type(value).__name__}) is not JSON serialisable')
+
+
+def metadata(components):
+  """The safetensors metadata (str -> JSON str) that describes `components` exactly."""
+  description = describe(components)
+  return {key: json.dumps(description[part], sort_keys=True)
+          for part, key in METADATA_KEYS.items()}
+
+
+def configs_of(description, **runtime):
+  """(UNetConfig, VAEConfig, TextEncoderConfig) from a description (or a folder's configs)."""
+  try:
+    return (unet_lib.UNetConfig.from_diffusers(description['unet'], **runtime),
+            vae_lib.VAEConfig.from_diffusers(description['vae'], **runtime),
+            text_encoder_lib.TextEncoderConfig.from_transformers(description['text_encoder'],
+                                                                 **runtime))
+  except (ValueError, TypeError) as e:
+    raise diffusers_lib.ConversionError(f'the configs describing the single file are not ones '
+                                        f'ldm_jax builds: {e}') from e
 
 
 def resolve_settings(model_type, original=None, folder=None, *, image_size=None,
-                     prediction_type=None, scaling_factor=None):
-  """Image size, prediction type and VAE scale: argument > YAML > config folder > default.
+                     prediction_type=None, scaling_factor=None, original_from='original config',
+                     folder_from='config folder'):
+  """Image size, prediction type and VAE scale: argument > YAML > folder or description > default.
 
   The image size never comes from the YAML: Stability's YAMLs say `image_size: 64` (512 px) for
   the 768 px v-prediction models too. The defaults follow the released models: SD 1.x and all
   inpainting models 512 px epsilon; SD 2.x 768 px v-prediction, or 512 px when told epsilon.
+  `original_from` and `folder_from` name where `original` and `folder` came from (the sources).
   """
   sources = {}
 
@@ -68,21 +160,23 @@ def resolve_settings(model_type, original=None, folder=None, *, image_size=None,
 
   yaml = original or {}
   folder = folder or {}
-  folder_size = None
+  folder_size = folder_prediction = None
   if folder:
     factor = 2 ** (len(folder['vae']['block_out_channels']) - 1)
     folder_size = folder['unet']['sample_size'] * factor
+    # diffusers' schedulers default to epsilon: a config without the key means epsilon.
+    folder_prediction = folder['scheduler'].get('prediction_type', 'epsilon')
   v_model = model_type.family == 'sd2' and not model_type.inpainting
   prediction = pick('prediction_type', [
       ('argument', prediction_type),
-      ('original config', _PREDICTION[yaml.get('parameterization', 'eps')] if yaml else None),
-      ('config folder', folder.get('scheduler', {}).get('prediction_type'))],
+      (original_from, _PREDICTION[yaml.get('parameterization', 'eps')] if yaml else None),
+      (folder_from, folder_prediction)],
                     'v_prediction' if v_model and (image_size or 768) >= 768 else 'epsilon')
-  size = pick('image_size', [('argument', image_size), ('config folder', folder_size)],
+  size = pick('image_size', [('argument', image_size), (folder_from, folder_size)],
               768 if v_model and prediction == 'v_prediction' else 512)
   scale = pick('scaling_factor', [
-      ('argument', scaling_factor), ('original config', yaml.get('scale_factor')),
-      ('config folder', folder.get('vae', {}).get('scaling_factor'))], DEFAULT_SCALING_FACTOR)
+      ('argument', scaling_factor), (original_from, yaml.get('scale_factor')),
+      (folder_from, folder.get('vae', {}).get('scaling_factor'))], DEFAULT_SCALING_FACTOR)
   return Settings(int(size), prediction, float(scale), sources)
 
 
@@ -128,10 +222,11 @@ def _heads(yaml_unet, model_type, widths):
   if num_heads and num_heads > 0:
     return (num_heads,) * len(widths)
   if head_width and head_width > 0:
-    return tuple(c // head_width for c in widths)
+    return tuple(max(1, c // head_width) for c in widths)
   if model_type.family == 'sd1':
     return (8,) * len(widths)
-  return tuple(c // _HEAD_WIDTH for c in widths)
+  # At least one head: a level narrower than a head would otherwise divide by zero.
+  return tuple(max(1, c // _HEAD_WIDTH) for c in widths)
 
 
 def _check_yaml_unet(yaml_unet, kw):
@@ -226,36 +321,52 @@ def read_config_folder(folder):
   return {k: config_io.read_json(os.path.join(folder, p)) for k, p in names.items()}
 
 
-def configs_from_folder(folder, settings, **runtime):
-  """(UNetConfig, VAEConfig, TextEncoderConfig) from a diffusers folder (+ size, scale given)."""
-  vae_kw, unet_kw = {}, {}
-  if settings.sources['scaling_factor'] != 'config folder':
+def configs_from_folder(folder, settings, folder_from='config folder', **runtime):
+  """(UNetConfig, VAEConfig, TextEncoderConfig) from a folder or a description (+ size, scale).
+
+  The image size and VAE scale are the folder's unless `settings` took them from elsewhere (an
+  argument, the YAML); `folder_from` is the folder's source name in `settings.sources`.
+  """
+  vae_kw = {}
+  if settings.sources['scaling_factor'] != folder_from:
     vae_kw['scaling_factor'] = settings.scaling_factor
-  if settings.sources['image_size'] != 'config folder':
+  if settings.sources['image_size'] != folder_from:
     vae_kw['sample_size'] = settings.image_size
-  vae = vae_lib.VAEConfig.from_diffusers(folder['vae'], **runtime, **vae_kw)
+  unet, vae, text = configs_of(folder, **runtime)
+  vae = dataclasses.replace(vae, **vae_kw)
   if 'sample_size' in vae_kw:
-    unet_kw['sample_size'] = settings.image_size // vae.downsample_factor
-  unet = unet_lib.UNetConfig.from_diffusers(folder['unet'], **runtime, **unet_kw)
-  text = text_encoder_lib.TextEncoderConfig.from_transformers(folder['text_encoder'], **runtime)
+    unet = dataclasses.replace(unet, sample_size=settings.image_size // vae.downsample_factor)
   return unet, vae, text
 
 
 def original_config(components):
-  """The LDM YAML (as a dict) describing `components`, for the original code and for diffusers."""
-  unet, vae = components.unet[0].config, components.vae[0].config
-  sched = components.scheduler_config
+  """The LDM YAML (as a dict) describing `components`, for the original code and for diffusers.
+
+  Beside LDM's `model:` it holds the exact configs in an `ldm_jax:` section, which LDM's code and
+  diffusers ignore and `read_yaml` reads back: `model:` cannot say everything (norm groups, the
+  scheduler's class and options, the VAE's sample size, ...).
+  """
+  description = describe(components)
+  unet, vae, text = (x[0].config for x in (
+      components.unet, components.vae, components.text_encoder))
+  return {'model': _ldm_model(unet, vae, text, description['scheduler']),
+          YAML_SECTION: {key.removeprefix(YAML_SECTION + '.'): description[part]
+                         for part, key in METADATA_KEYS.items()}}
+
+
+def _ldm_model(unet, vae, text, sched):
+  """The YAML's `model:` (LatentDiffusion's target and parameters)."""
   prediction = {v: k for k, v in _PREDICTION.items()}[sched.get('prediction_type', 'epsilon')]
   schedule = {v: k for k, v in _SCHEDULES.items()}.get(sched.get('beta_schedule', 'scaled_linear'))
   if schedule is None:
     raise diffusers_lib.ConversionError(f'beta_schedule {sched["beta_schedule"]!r} has no LDM name')
-  if components.text_encoder[0].config.hidden_act == 'gelu':
+  if text.hidden_act == 'gelu':
     cond = {'target': 'ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder',
             'params': {'freeze': True, 'layer': 'penultimate'}}
   else:
     cond = {'target': 'ldm.modules.encoders.modules.FrozenCLIPEmbedder'}
   inpainting = unet.in_channels == 9
-  return {'model': {
+  return {
       'target': 'ldm.models.diffusion.ddpm.' + (
           'LatentInpaintDiffusion' if inpainting else 'LatentDiffusion'),
       'params': dict(
@@ -269,7 +380,7 @@ def original_config(components):
                        'params': _unet_yaml(unet)},
           first_stage_config={'target': 'ldm.models.autoencoder.AutoencoderKL',
                               'params': _vae_yaml(vae, unet)},
-          cond_stage_config=cond)}}
+          cond_stage_config=cond)}
 
 
 def _unet_yaml(unet):

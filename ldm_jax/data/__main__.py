@@ -25,6 +25,9 @@ def main(argv=None):
   folder.add_argument('--src', required=True, help='metadata.jsonl / metadata.csv / name.txt')
   folder.add_argument('--data_dir', required=True)
   folder.add_argument('--keep_empty_captions', action='store_true')
+  folder.add_argument('--overwrite', action='store_true',
+                      help='replace a dataset of the same name built from another folder')
+  folder.add_argument('--name', help="the dataset's name (default: the folder's name)")
   args = parser.parse_args(argv)
 
   if args.kind == 'shapes':
@@ -34,10 +37,12 @@ def main(argv=None):
           f'({args.num_holdout}); train with --config.data.name={name}')
   else:
     try:
-      name, summary = builders.build_folder(args.src, args.data_dir, args.keep_empty_captions)
-    except (FileNotFoundError, ValueError) as e:
+      name, summary = builders.build_folder(args.src, args.data_dir, args.keep_empty_captions,
+                                            overwrite=args.overwrite, name=args.name)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
       sys.exit(f'error: {e}')
-    print(f'built {name} in {args.data_dir}: {summary}; train with --config.data.name={name}')
+    verb = '' if summary.startswith('already built') else 'built '
+    print(f'{verb}{name} in {args.data_dir}: {summary}; train with --config.data.name={name}')
 
 
 if __name__ == '__main__':

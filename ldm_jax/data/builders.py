@@ -2,15 +2,18 @@
 
   build_shapes(data_dir, image_size=32, num_train=2000) -> 'shapes/s32_n2000_h200_seed0'
   (layout='centered' appends '_centered')
-  build_folder(src, data_dir) -> 'image_folder/<folder name>'
+  build_folder(src, data_dir) -> 'image_folder/<folder name>' (rebuilt when the folder changes)
 
 The returned name is what `sources.data_source(name, split, data_dir)` and the training config's
 `data.name` take.
 """
 
+import json
+import logging
 import os
 import re
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -71,11 +74,15 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
 
 class FolderConfig(tfds.core.BuilderConfig):
+  """A folder build; its name is the folder's (lowercase, [a-z0-9_]) unless given."""
 
-  def __init__(self, *, src, keep_empty_captions=False):
-    name = re.sub(r'[^a-z0-9_]+', '_', os.path.basename(os.path.normpath(src)).lower()) or 'images'
-    super().__init__(name=name, version=tfds.core.Version('1.0.0'), description=f'images of {src}')
+  def __init__(self, *, src, keep_empty_captions=False, name=None):
+    name = re.sub(r'[^a-z0-9_]+', '_',
+                  (name or os.path.basename(os.path.normpath(src))).lower()) or 'images'
+    super().__init__(name=name, version=tfds.core.Version('1.0.0'),
+                     description=f'images of {os.path.abspath(src)}')
     self.src, self.keep_empty_captions = src, keep_empty_captions
+    self.scanned = None  # (pairs, ScanStats) of `folder.scan`, when done before the build
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -93,8 +100,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     c = self.builder_config
-    self.scan_stats = None
-    pairs, self.scan_stats = folder_lib.scan(c.src, c.keep_empty_captions)
+    # build_folder scans first (a broken folder fails before an old build is replaced).
+    pairs, self.scan_stats = c.scanned or folder_lib.scan(c.src, c.keep_empty_captions)
     return {'train': self._generate_examples(pairs)}
 
   def _generate_examples(self, pairs):
@@ -115,10 +122,60 @@ def build_shapes(data_dir, image_size=32, num_train=2000, num_holdout=200, seed=
   return f'shapes/{config.name}'
 
 
-def build_folder(src, data_dir, keep_empty_captions=False):
-  """Builds a dataset from a folder of captioned images; returns (name, scan summary)."""
-  config = FolderConfig(src=src, keep_empty_captions=keep_empty_captions)
+def build_folder(src, data_dir, keep_empty_captions=False, overwrite=False, name=None):
+  """Builds a dataset from a folder of captioned images, or finds it built from the same files.
+
+  The build records its source (`folder.fingerprint`: absolute path, options, each file's size
+  and modification time) in `source.json` in its version folder. A build of the same name from
+  the same folder whose files changed (or with other options) is rebuilt; from another folder
+  it is refused unless `overwrite`.
+
+  Args:
+    src: the folder (metadata.jsonl / metadata.csv / name.txt captions).
+    data_dir: the tfds data directory.
+    keep_empty_captions: keep images with empty captions (see `folder.scan`).
+    overwrite: replace a dataset of the same name built from another folder.
+    name: the dataset's config name (default: the folder's name).
+
+  Returns:
+    (dataset name for `sources.data_source`, scan summary or 'already built (<summary>)').
+
+  Raises:
+    FileNotFoundError, ValueError: `src` is missing or holds no captioned images (see `scan`).
+    FileExistsError: the name is taken by a build of another folder and not `overwrite`.
+  """
+  config = FolderConfig(src=src, keep_empty_captions=keep_empty_captions, name=name)
+  dataset = f'image_folder/{config.name}'
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f'image folder {src!r} does not exist')
+  source = folder_lib.fingerprint(src, {'keep_empty_captions': keep_empty_captions}, data_dir)
   builder = ImageFolder(config=config, data_dir=data_dir, file_format='array_record')
+  record = epath.Path(builder.data_dir) / 'source.json'  # data_dir may be gs://
+  if (epath.Path(builder.data_dir) / 'dataset_info.json').exists():  # built before
+    old = _read_json(record)
+    change = (folder_lib.changes(old, source) if old
+              else 'it has no record of its source (built by an older version)')
+    if not change:
+      return dataset, f'already built ({old.get("summary", "same files")})'
+    if old and old.get('src') != source['src'] and not overwrite:
+      raise FileExistsError(
+          f'{dataset} in {data_dir} was built from {old.get("src")}, not {source["src"]}: pass '
+          f'--overwrite to replace it (runs on {dataset} then read the new images), or --name '
+          'NAME to build this folder under another name')
+    config.scanned = folder_lib.scan(src, keep_empty_captions)
+    logging.warning('rebuilding %s in %s from %s: %s', dataset, data_dir, source['src'], change)
+    epath.Path(builder.data_dir).rmtree()
+    builder = ImageFolder(config=config, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
-  stats = getattr(builder, 'scan_stats', None)
-  return f'image_folder/{config.name}', stats.summary() if stats else 'already built'
+  stats = getattr(builder, 'scan_stats', None)  # None: tfds found it built after all
+  summary = stats.summary() if stats else 'built'
+  record.write_text(json.dumps(source | {'summary': summary}))
+  return dataset, summary
+
+
+def _read_json(path):
+  """The JSON file's content, or None when it is missing or unreadable."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None

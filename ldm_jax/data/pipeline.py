@@ -8,7 +8,6 @@ iterator's state (grain's plus our counters) checkpoints and restores exactly.
 """
 
 import dataclasses
-import io
 import json
 import logging
 
@@ -17,13 +16,17 @@ import grain
 import jax
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
 from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.data import images
 from ldm_jax.data import sources
 
 OK, BAD_IMAGE, TOO_SMALL, EMPTY_CAPTION = range(4)
 _STATUS_NAMES = ('ok', 'skipped_bad_image', 'skipped_too_small', 'skipped_empty_caption')
+# Images upsampled more than this (shorter side < resolution / 4) are counted and warned about.
+UPSAMPLE_WARN = 4
+_WARN_FIRST = 5  # each kind of data problem is logged this many times, then only counted
+_CROPS = ('center', 'random')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,33 +51,78 @@ class LoaderConfig:
   max_length: int = 77  # tokens, the text encoder's context
   precomputed: bool = False  # records hold VAE moments (data.precompute), not images
 
+  def __post_init__(self):
+    problems = _value_problems(dataclasses.asdict(self))
+    if problems:
+      raise ValueError('bad data config: ' + '; '.join(problems))
+
+  @classmethod
+  def problems(cls, data_config, **overrides):
+    """Everything wrong with an ml_collections `data` group (or dict), without raising.
+
+    Returns:
+      A list of messages, one per unknown key (naming the valid ones) or bad value
+      ('data.batch_size=0: must be an integer >= 1'); empty when `from_config` would succeed.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    raw = dict(data_config) | overrides
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+      return [f'unknown data config keys {unknown}; valid keys: {sorted(fields)}']
+    missing = sorted(k for k, f in fields.items()
+                     if k not in raw and f.default is dataclasses.MISSING)
+    if missing:
+      return [f'data config needs {missing}']
+    defaults = {k: f.default for k, f in fields.items() if f.default is not dataclasses.MISSING}
+    return _value_problems(defaults | raw)
+
   @classmethod
   def from_config(cls, data_config, **overrides):
-    """From an ml_collections `data` group; unknown keys are an error listing the valid ones."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    raw = dict(data_config)
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-      raise ValueError(f'unknown data config keys {unknown}; valid keys: {sorted(fields)}')
-    return cls(**(raw | overrides))
+    """From an ml_collections `data` group.
+
+    Raises:
+      ValueError: unknown keys (listing the valid ones) or bad values (as `problems` lists).
+    """
+    problems = cls.problems(data_config, **overrides)
+    if problems:
+      raise ValueError('bad data config: ' + '; '.join(problems))
+    return cls(**(dict(data_config) | overrides))
+
+
+def _value_problems(v):
+  """LoaderConfig values (a dict) that are out of range, as 'data.<key>=<value>: must be ...'."""
+  def is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+  checks = [
+      ('name', isinstance(v['name'], str) and bool(v['name']), 'a dataset name (shapes/..., '
+       'image_folder/<name>, precomputed/<name> or a tfds name)'),
+      ('batch_size', is_int(v['batch_size']) and v['batch_size'] >= 1, 'an integer >= 1'),
+      ('resolution', is_int(v['resolution']) and v['resolution'] >= 8, 'an integer >= 8'),
+      ('crop', v['crop'] in _CROPS, f'one of {_CROPS}'),
+      ('caption_dropout', isinstance(v['caption_dropout'], (int, float))
+       and 0 <= v['caption_dropout'] <= 1, 'a probability in [0, 1]'),
+      ('num_epochs', v['num_epochs'] is None or (is_int(v['num_epochs']) and v['num_epochs'] >= 1),
+       'None (repeat forever) or an integer >= 1'),
+      ('worker_count', is_int(v['worker_count']) and v['worker_count'] >= 0,
+       'an integer >= 0 (0: decode in the main process)'),
+      ('min_image_size', is_int(v['min_image_size']) and v['min_image_size'] >= 0,
+       'an integer >= 0 (0: keep every size)'),
+      ('max_length', is_int(v['max_length']) and v['max_length'] >= 2,
+       'an integer >= 2 (room for the start and end tokens)'),
+  ]
+  return [f'data.{key}={v[key]!r}: must be {valid}' for key, ok, valid in checks if not ok]
 
 
 def decode_image(value):
   """An image record value (encoded bytes or an HWC uint8 array) as an RGB PIL image.
 
+  16-bit and float images are scaled, not clipped, and transparency is composited on white
+  (`images.to_rgb` has the rules).
+
   Raises:
-    OSError / ValueError: the bytes are not a complete image Pillow can read.
+    One of `images.DECODE_ERRORS`: the bytes are not a complete image Pillow can read.
   """
-  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-    return Image.fromarray(value)
-  img = Image.open(io.BytesIO(bytes(value)))
-  img.load()  # decode now: a truncated file raises here, not later
-  img = ImageOps.exif_transpose(img)
-  if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
-    rgba = img.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB')
-  return img.convert('RGB')  # L, P, CMYK, I;16, ...
+  return images.decode(value)
 
 
 def resize_crop(img, resolution, crop, rng):
@@ -107,7 +155,8 @@ class ProcessRecord:
     c = self.config
     drop = bool(rng.random() < c.caption_dropout)
     if c.precomputed:
-      out = {'moments': record['moments'], 'drop': drop, 'status': OK, 'truncated': False}
+      out = {'moments': record['moments'], 'drop': drop, 'status': OK, 'truncated': False,
+             'small_side': 0}
       if 'context' in record:  # a frozen text encoder's states (the step swaps dropped ones)
         out['context'] = record['context']
       if self.tokenizer is not None and 'caption' in record:
@@ -116,17 +165,21 @@ class ProcessRecord:
     caption = _text(record[c.caption_key])
     out = {'image': np.zeros((c.resolution, c.resolution, 3), np.uint8),
            'input_ids': np.zeros((c.max_length,), np.int32), 'drop': drop, 'status': OK,
-           'truncated': False}
+           'truncated': False, 'small_side': 0}
     if self.keep_captions:
       out['caption'] = caption
     if c.skip_empty_captions and not caption.strip():
       return out | {'status': EMPTY_CAPTION}
     try:
       img = decode_image(record[c.image_key])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-      return out | {'status': BAD_IMAGE}
+    except images.DECODE_ERRORS as e:
+      # Only skipped records carry a 'problem' (the counter logs it; batches never see it).
+      return out | {'status': BAD_IMAGE,
+                    'problem': f'{_record_name(record)}: {images.describe(e)}'}
     if min(img.size) < c.min_image_size:
       return out | {'status': TOO_SMALL}
+    if min(img.size) * UPSAMPLE_WARN < c.resolution:
+      out['small_side'] = min(img.size)
     img = resize_crop(img, c.resolution, c.crop, rng)
     if c.flip and rng.random() < 0.5:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -138,22 +191,47 @@ def _text(value):
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
-class _Counter:
-  """Main-process filter: counts every record's fate, keeps the good ones."""
+def _record_name(record):
+  """The record's file name when the dataset stores one (our folder datasets do)."""
+  return _text(record['file_name']) if 'file_name' in record else 'a record without file_name'
 
-  def __init__(self):
-    self.stats = {name: 0 for name in _STATUS_NAMES} | {'truncated_captions': 0,
-                                                       'dropped_captions': 0}
+
+class _Counter:
+  """Main-process filter: counts every record's fate, keeps the good ones, logs the first few
+  problems of each kind."""
+
+  def __init__(self, resolution):
+    self.resolution = resolution
+    self.stats = self.empty()
+
+  @staticmethod
+  def empty():
+    return {name: 0 for name in _STATUS_NAMES} | {
+        'truncated_captions': 0, 'dropped_captions': 0, 'upsampled_small': 0}
 
   def __call__(self, record):
     status = int(record['status'])
-    self.stats[_STATUS_NAMES[status]] += 1
+    name = _STATUS_NAMES[status]
+    self.stats[name] += 1
+    if status == BAD_IMAGE and self.stats[name] <= _WARN_FIRST:
+      logging.warning('skipped an image that does not decode: %s (%d so far; counted as %s in '
+                      'the loader stats)', record['problem'], self.stats[name], name)
     if status == OK:
       self.stats['truncated_captions'] += int(record['truncated'])
       self.stats['dropped_captions'] += int(record['drop'])
-      if record['truncated'] and self.stats['truncated_captions'] <= 5:
+      if record['truncated'] and self.stats['truncated_captions'] <= _WARN_FIRST:
         logging.warning('a caption is longer than the text encoder\'s context and was truncated '
-                        '(%d so far; counted in the loader stats)', self.stats['truncated_captions'])
+                        '(%d so far; counted in the loader stats)',
+                        self.stats['truncated_captions'])
+      side = int(record['small_side'])
+      if side:
+        self.stats['upsampled_small'] += 1
+        if self.stats['upsampled_small'] <= _WARN_FIRST:
+          logging.warning('an image with a %d px shorter side was upsampled %.0fx to %d px (%d so '
+                          'far; counted as upsampled_small in the loader stats); set '
+                          'data.min_image_size (e.g. %d) to skip such images', side,
+                          self.resolution / side, self.resolution, self.stats['upsampled_small'],
+                          -(-self.resolution // UPSAMPLE_WARN))
     return status == OK
 
 
@@ -187,7 +265,7 @@ class Loader:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
         flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    self._counter = _Counter()
+    self._counter = _Counter(config.resolution)
     it = it.filter(self._counter).batch(config.batch_size // count, drop_remainder=True)
     self._iterator = iter(it)
 
@@ -200,7 +278,7 @@ class Loader:
 
   def __next__(self):
     batch = next(self._iterator)
-    for key in ('status', 'truncated'):
+    for key in ('status', 'truncated', 'small_side'):
       batch.pop(key, None)
     if 'image' in batch:
       batch['image'] = batch['image'].astype(np.float32) / 127.5 - 1.0  # to [-1, 1]
@@ -212,7 +290,7 @@ class Loader:
 
   def set_state(self, state):
     self._iterator.set_state(state['grain'])
-    self._counter.stats = dict(state['stats'])
+    self._counter.stats = _Counter.empty() | dict(state['stats'])  # older states lack some keys
 
 
 def _to_json(state):

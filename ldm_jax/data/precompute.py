@@ -4,17 +4,28 @@ Training from the result skips the VAE encoder and, when the text encoder is fro
 encoder in every step. The output is an array_record tfds dataset read by the same loader with
 `precomputed=True`; it keeps each caption, so caption dropout and a jointly trained text encoder
 work as with images.
+
+Each encoding records what it was made from (`inputs.json` in its version folder: the dataset and
+its fingerprint, the loader settings, digests of the VAE, text encoder and tokenizer, the
+dtype); a later call with other inputs encodes again instead of reusing stale encodings.
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
 from ldm_jax.data import pipeline
+from ldm_jax.data import sources
+
+_INPUTS = 'inputs.json'
 
 
 class PrecomputedConfig(tfds.core.BuilderConfig):
@@ -91,17 +102,110 @@ def precompute(loader_config, tokenizer, vae, text_encoder, data_dir, name, batc
     dtype: storage dtype of moments and context (np.float16 halves the size).
 
   Returns:
-    (dataset name for `LoaderConfig.name`, loader stats of the encoding pass).
+    (dataset name for `LoaderConfig.name`, loader stats of the encoding pass: all zeros when
+    the encodings of the same inputs were there already).
   """
   one_pass = dataclasses.replace(loader_config, shuffle=False, flip=False, caption_dropout=0.0,
                                  crop='center', num_epochs=1, batch_size=1, precomputed=False)
   config = PrecomputedConfig(name=name, loader_config=one_pass, vae=vae, text_encoder=text_encoder,
                              dtype=dtype, batch_size=batch_size)
   loader = pipeline.Loader(one_pass, tokenizer, process_index=0, process_count=1,
-                           keep_captions=True)
+                           keep_captions=True)  # first: a shapes dataset may be built on demand
+  inputs = _inputs(one_pass, tokenizer, vae, text_encoder, dtype)
+  builder = Precomputed(config=config, data_dir=data_dir, file_format='array_record')
+  record = epath.Path(builder.data_dir) / _INPUTS  # the workdir may be gs://
+  if (epath.Path(builder.data_dir) / 'dataset_info.json').exists():
+    old = _read_json(record)
+    changed = (_differences(old, inputs) if old
+               else ['no record of its inputs: made by an older version, or interrupted'])
+    if not changed:
+      return f'precomputed/{name}', loader.stats
+    # A derived cache: encode again rather than train on encodings of something else.
+    logging.warning('precomputed/%s in %s is stale (%s): deleting it and encoding again', name,
+                    data_dir, '; '.join(changed))
+    epath.Path(builder.data_dir).rmtree()
+    builder = Precomputed(config=config, data_dir=data_dir, file_format='array_record')
   config.batches = _rebatch(loader, batch_size)
-  Precomputed(config=config, data_dir=data_dir, file_format='array_record').download_and_prepare()
+  builder.download_and_prepare()
+  record.write_text(json.dumps(inputs, indent=1))
   return f'precomputed/{name}', loader.stats
+
+
+def _inputs(one_pass, tokenizer, vae, text_encoder, dtype):
+  """What the encodings depend on, as a JSON-serialisable dict (digests for the weights)."""
+  loader = {k: v for k, v in dataclasses.asdict(one_pass).items()
+            if k not in ('name', 'data_dir', 'seed', 'worker_count')}  # these change nothing
+  return {
+      'dataset': one_pass.name, 'data_dir': _absolute(one_pass.data_dir),
+      'dataset_fingerprint': sources.fingerprint(one_pass.name, one_pass.data_dir),
+      'loader': loader, 'vae': _network_digest(vae),
+      'text_encoder': 'none' if text_encoder is None else _network_digest(text_encoder),
+      'tokenizer': _tokenizer_digest(tokenizer), 'dtype': np.dtype(dtype).name,
+      'format': str(Precomputed.VERSION),
+  }
+
+
+def _absolute(path):
+  return path if '://' in path else os.path.abspath(path)
+
+
+def _network_digest(network):
+  """A digest of a (Linen module, params) pair: its config and every parameter's bytes."""
+  module, params = network
+  h = hashlib.sha256(repr(getattr(module, 'config', module)).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{np.shape(leaf)};'.encode())
+    h.update(a.view(np.uint8))  # bytes of any dtype (bfloat16 too)
+  return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer):
+  """A digest of the vocabulary, merges and pad token ('none' without a tokenizer)."""
+  if tokenizer is None:
+    return 'none'
+  ranks = getattr(tokenizer, 'bpe_ranks', {})
+  text = json.dumps([sorted(tokenizer.get_vocab().items()), sorted(ranks, key=ranks.get),
+                     str(tokenizer.pad_token)])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(old, new):
+  """What differs between two input records, in words ('dataset: 'a' -> 'b'', 'vae changed')."""
+  old, new = _flat(old), _flat(new)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if a != b:
+      if key in ('vae', 'text_encoder', 'tokenizer', 'dataset_fingerprint'):  # digests
+        a, b = _given(a), _given(b)
+        out.append(f'{key} changed' if a == b else f'{key}: {a} -> {b}')
+      else:
+        out.append(f'{key}: {a!r} -> {b!r}')
+  return out
+
+
+def _given(digest):
+  return digest if digest in ('none', 'unknown', None) else 'given'
+
+
+def _flat(record):
+  """{'loader': {'resolution': 32}} -> {'loader.resolution': 32}."""
+  out = {}
+  for key, value in record.items():
+    if isinstance(value, dict):
+      out.update({f'{key}.{k}': v for k, v in value.items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _read_json(path):
+  """The JSON file's content, or None when it is missing or unreadable."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
 
 
 def _rebatch(loader, batch_size):
@@ -121,13 +225,15 @@ def _concatenate(group):
 
 
 def for_training(loader_config, tokenizer, vae, text_encoder, directory):
-  """Encodes the training split of `loader_config` once into `directory` (a second call finds it
-  there) and returns the LoaderConfig that trains from it, with the same batches and dropout."""
+  """Encodes the training split of `loader_config` once into `directory` (a second call with the
+  same inputs finds it there; with others it encodes again) and returns the LoaderConfig that
+  trains from it, with the same batches and dropout."""
   if loader_config.flip or loader_config.crop == 'random':
     logging.warning('precomputed latents are encoded once, from center crops without flips: '
                     'data.flip and random crops no longer apply')
   name, stats = precompute(loader_config, tokenizer, vae, text_encoder, directory, 'train',
                            batch_size=64)
-  logging.info('training from precomputed latents %s in %s (%s)', name, directory, stats)
+  logging.info('training from precomputed latents %s in %s (%s)', name, directory,
+               stats if stats['ok'] else 'encoded before from the same inputs')
   return dataclasses.replace(loader_config, name=name, data_dir=directory, precomputed=True,
                              crop='center', flip=False)

@@ -1,12 +1,36 @@
-"""Random-access record sources: our builders' outputs or any locally prepared tfds dataset."""
+"""Random-access record sources: our builders' outputs or any locally prepared tfds dataset.
 
+`data.name` schemes (all under `data.data_dir`):
+  shapes/s{size}_n{train}_h{holdout}_seed{seed}[_centered]: the synthetic shapes dataset, built
+    on demand when missing (one process) by `builders.build_shapes`.
+  image_folder/<name>: `python -m ldm_jax.data build folder --src DIR` (name: DIR's name).
+  precomputed/<name>: VAE encodings written by `ldm_jax.data.precompute`.
+  anything else: a tfds dataset ('coco_captions', 'name/config') prepared in array_record format.
+"""
+
+import hashlib
+import logging
 import os
+import re
 
+from etils import epath
 import tensorflow_datasets as tfds
+
+SHAPES_NAME = re.compile(r'shapes/s(\d+)_n(\d+)_h(\d+)_seed(\d+)(?:_([a-z]+))?')
+SHAPES_FORMAT = ('shapes/s{size}_n{train}_h{holdout}_seed{seed}[_centered], e.g. '
+                 'shapes/s32_n2000_h200_seed0_centered')
+_SCHEMES = (
+    f'{SHAPES_FORMAT} (built on demand); image_folder/<name> (`python -m ldm_jax.data build '
+    'folder --src DIR --data_dir DATA_DIR`, <name> being the folder\'s name); '
+    'precomputed/<name> (written by ldm_jax.data.precompute); or a tfds dataset prepared under '
+    'data_dir in array_record format')
 
 
 def data_source(name, split, data_dir):
   """The split of a prepared dataset as a random-access source (ArrayRecord, no TensorFlow).
+
+  A missing shapes dataset is built first (it is synthetic and deterministic) when this is the
+  only process; with several, the error gives the command that builds it.
 
   Args:
     name: 'shapes/<config>' or 'image_folder/<config>' as the builders return it, or any tfds
@@ -16,29 +40,160 @@ def data_source(name, split, data_dir):
 
   Returns:
     A sequence of records (dicts of numpy arrays / bytes).
+
+  Raises:
+    FileNotFoundError: the dataset is not there (the message says how to make it).
+    ValueError: the split does not exist.
   """
-  folder = os.path.join(data_dir, *name.split('/'))
-  if os.path.isdir(folder):
-    versions = sorted((v for v in os.listdir(folder) if _is_version(v)),
-                      key=tfds.core.Version)  # by number: 1.10.0 after 1.9.0
-    if not versions:
-      raise FileNotFoundError(f'{folder} holds no prepared version of {name!r}; rebuild it')
-    builder = tfds.builder_from_directory(os.path.join(folder, versions[-1]))
+  version_dir = newest_version(name, data_dir)
+  if version_dir is None and name.startswith('shapes/'):
+    _build_shapes(name, data_dir)
+    version_dir = newest_version(name, data_dir)
+  if version_dir is not None:
+    builder = tfds.builder_from_directory(version_dir)
   else:
     try:
-      builder = tfds.builder(name, data_dir=data_dir)
+      builder = tfds.builder(name, data_dir=data_dir)  # a default config, a registered name
     except Exception as e:  # tfds raises several types for unknown names
-      raise FileNotFoundError(
-          f'dataset {name!r} is not under data_dir {data_dir!r}. Build it first: '
-          f'`python -m ldm_jax.data build shapes --data_dir {data_dir}` or `build folder --src DIR '
-          f'--data_dir {data_dir}`, or prepare a tfds dataset there') from e
+      raise FileNotFoundError(_not_found(name, data_dir)) from e
     if not builder.is_prepared():
-      raise FileNotFoundError(f'tfds dataset {name!r} is not prepared under {data_dir!r}; '
-                              'prepare it (array_record format) before training')
+      raise FileNotFoundError(_not_found(name, data_dir))
   available = list(builder.info.splits.keys())
   if split.split('[')[0] not in available:
     raise ValueError(f'dataset {name!r} has no split {split!r}; it has {available}')
   return builder.as_data_source(split)
+
+
+def check_name(name, data_dir, process_count=1):
+  """What is wrong with `data.name` / `data.data_dir`, without reading any data.
+
+  Args:
+    name: the config's `data.name`.
+    data_dir: the config's `data.data_dir`.
+    process_count: processes of the run (a missing shapes dataset is built on demand only by a
+      single process).
+
+  Returns:
+    None when the dataset is there (or is a shapes dataset that will be built on demand), else
+    one message naming the problem and the fix.
+  """
+  if not isinstance(name, str) or not name.strip('/'):
+    return f'data.name is empty; it takes: {_SCHEMES}'
+  if name.startswith('shapes/'):
+    problem = _shapes_name_problem(name)
+    if problem or process_count == 1 or newest_version(name, data_dir):
+      return problem
+    return (f'shapes dataset {name!r} is not under data_dir {data_dir!r} and {process_count} '
+            'processes cannot all build it: build it first with '
+            f'`{shapes_command(name, data_dir)}`')
+  folder = epath.Path(data_dir).joinpath(*name.split('/'))
+  if newest_version(name, data_dir) or _configs(folder):  # _configs: 'name' of 'name/config'
+    return None
+  return _not_found(name, data_dir)
+
+
+def newest_version(name, data_dir):
+  """The newest prepared version folder of `name` under `data_dir` (local or gs://), or None."""
+  folder = epath.Path(data_dir).joinpath(*name.split('/'))
+  if not folder.is_dir():
+    return None
+  versions = [v.name for v in folder.iterdir()
+              if _is_version(v.name) and (v / 'dataset_info.json').exists()]
+  if not versions:
+    return None
+  return str(folder / max(versions, key=tfds.core.Version))  # 1.10.0 after 1.9.0
+
+
+def fingerprint(name, data_dir):
+  """A digest of what the prepared dataset holds: its version folder's metadata, its source
+  record (folder builds) and its data files' names and sizes; 'unknown' when not found."""
+  version_dir = newest_version(name, data_dir)
+  if version_dir is None:
+    return 'unknown'
+  where = version_dir if '://' in version_dir else os.path.abspath(version_dir)
+  h = hashlib.sha256(where.encode())
+  for entry in sorted(epath.Path(version_dir).iterdir(), key=lambda e: e.name):
+    h.update(f'{entry.name}:{entry.stat().length};'.encode())
+    if entry.name.endswith('.json'):  # dataset_info, features, source record
+      h.update(entry.read_bytes())
+  return h.hexdigest()
+
+
+def shapes_command(name, data_dir):
+  """The command that builds shapes dataset `name` (a well-formed one) into `data_dir`."""
+  size, train, holdout, seed, layout = SHAPES_NAME.fullmatch(name).groups()
+  return (f'python -m ldm_jax.data build shapes --data_dir {data_dir} --image_size {size} '
+          f'--num_train {train} --num_holdout {holdout} --seed {seed}'
+          + (f' --layout {layout}' if layout else ''))
+
+
+def _shapes_name_problem(name):
+  from ldm_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  m = SHAPES_NAME.fullmatch(name)
+  if m is None:
+    return (f'{name!r} is not a shapes dataset name: the format is {SHAPES_FORMAT} (as '
+            '`python -m ldm_jax.data build shapes` names it)')
+  size, _, _, _, layout = m.groups()
+  if layout is not None and (layout not in shapes.LAYOUTS or layout == 'scattered'):
+    return (f'{name!r}: unknown shapes layout {layout!r}; the suffix is _centered or none '
+            f'(scattered); the format is {SHAPES_FORMAT}')
+  if int(size) < 8:
+    return f'{name!r}: shapes images of {size} px are too small (8 or more)'
+  return None
+
+
+def _build_shapes(name, data_dir):
+  """Builds a missing shapes dataset named `name`, or raises saying how."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ldm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  problem = _shapes_name_problem(name)
+  if problem:
+    raise FileNotFoundError(f'dataset {name!r} is not under data_dir {data_dir!r}, and {problem}')
+  if jax.process_count() > 1:
+    raise FileNotFoundError(
+        f'shapes dataset {name!r} is not under data_dir {data_dir!r}; with several processes it '
+        f'is not built on demand: build it first with `{shapes_command(name, data_dir)}`')
+  size, train, holdout, seed, layout = SHAPES_NAME.fullmatch(name).groups()
+  logging.info('building %s in %s (synthetic and deterministic; it was not there)', name, data_dir)
+  builders.build_shapes(data_dir, image_size=int(size), num_train=int(train),
+                        num_holdout=int(holdout), seed=int(seed), layout=layout or 'scattered')
+
+
+def _not_found(name, data_dir):
+  """The message for a missing dataset: what data.name takes and what data_dir holds."""
+  if name.startswith('image_folder/'):
+    how = (f'build it: `python -m ldm_jax.data build folder --src DIR --data_dir {data_dir}` '
+           f'(it is named after DIR; --name {name.split("/", 1)[1]} names it so)')
+  elif name.startswith('precomputed/'):
+    how = 'precomputed datasets are written by ldm_jax.data.precompute (or precompute_latents)'
+  else:
+    how = f'data.name takes: {_SCHEMES}'
+  held = _prepared(data_dir)
+  where = (f'data_dir {data_dir!r} does not exist' if not epath.Path(data_dir).is_dir()
+           else f'data_dir {data_dir!r} holds {held}' if held
+           else f'data_dir {data_dir!r} holds no prepared dataset')
+  return f'dataset {name!r} is not prepared under data_dir {data_dir!r}: {how}. {where}'
+
+
+def _prepared(data_dir, limit=20):
+  """Names of the prepared datasets under `data_dir` (two levels: 'name' or 'name/config')."""
+  root, found = epath.Path(data_dir), []
+  if not root.is_dir():
+    return found
+  for top in sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != 'downloads'):
+    if newest_version(top, data_dir):
+      found.append(top)
+    found += [f'{top}/{sub}' for sub in _configs(root / top)]
+  return found[:limit] + ([f'... ({len(found) - limit} more)'] if len(found) > limit else [])
+
+
+def _configs(folder):
+  """The prepared configs in `folder` (a tfds name's folder: data_dir/name/config/version)."""
+  folder = epath.Path(folder)
+  if not folder.is_dir():
+    return []
+  return sorted(sub.name for sub in folder.iterdir()
+                if not _is_version(sub.name) and newest_version(sub.name, folder))
 
 
 def _is_version(name):

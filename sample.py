@@ -9,16 +9,20 @@
 
 Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... per image) to
 --out. --init takes a diffusers folder or an original .safetensors / .ckpt file; `--workdir
-runs/x` samples from one of our training runs (its latest EMA weights, read without writing).
+runs/x` samples from one of our training runs (its latest EMA weights, read without writing;
+`--vae_workdir` names its VAE run when the run was moved or copied away from it).
 """
 
 import contextlib
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ldm_jax import checkpoint
 from ldm_jax import cli_logging
+from ldm_jax import config_check
 from ldm_jax.diffusion import pipeline
 from ldm_jax.sampling import run
 from ldm_jax.sampling import sources
@@ -31,6 +35,9 @@ _INIT = flags.DEFINE_string('init', None, 'A diffusers folder, or an original si
                             'config.init).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (an ldm-stage run) to sample '
                                'from: its latest checkpoint\'s EMA weights.')
+_VAE_WORKDIR = flags.DEFINE_string('vae_workdir', None, 'With --workdir: the vae-stage run to '
+                                   'take the VAE from, replacing the one the run\'s config names '
+                                   '(a run moved or copied away from it).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'A tokenizer folder: needed with a single '
                                  'file (default: config.tokenizer); replaces a diffusers '
                                  'folder\'s tokenizer/.')
@@ -69,10 +76,11 @@ def _request():
 
 @contextlib.contextmanager
 def _usage_errors():
-  """Bad input (ValueError, a missing checkpoint) becomes a usage error: its message, no trace."""
+  """Bad input (ValueError, a missing or unreadable checkpoint) becomes a usage error: its
+  message, no trace."""
   try:
     yield
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
     raise app.UsageError(str(e)) from e
 
 
@@ -84,7 +92,7 @@ def main(argv):
   # Setup: check what the flags alone decide before the (slow) weight loading.
   with _usage_errors():
     source = sources.resolve_model(_INIT.value, _CONFIG.value, _WORKDIR.value, _DTYPE.value,
-                                   _TOKENIZER.value)
+                                   _TOKENIZER.value, _VAE_WORKDIR.value)
     request = _request()
     run.validate(request, pipeline.SAMPLERS)
 
@@ -97,5 +105,20 @@ def main(argv):
   run.run(sd, request)
 
 
+def _one_line_errors(argv):
+  """main, with a usage error as one `error: ...` line and exit code 2 (not absl's whole help)."""
+  try:
+    main(argv)
+  except app.UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  # Before absl parses the flags: its config loader gives a missing --config file or a refused
+  # config argument as a traceback.
+  problem = config_check.startup_problem(sys.argv)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    sys.exit(2)
+  app.run(_one_line_errors)

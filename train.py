@@ -11,9 +11,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ldm_jax import checkpoint
 from ldm_jax import cli_logging
 from ldm_jax import config_check
 from ldm_jax.train import loop
+from ldm_jax.train import preflight
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -27,13 +29,23 @@ def main(argv):
   cli_logging.setup()
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
-  except loop.NonFiniteLossError as e:
+  except (preflight.ConfigError, FileNotFoundError) as e:  # the user's to fix: no traceback
+    _exit(e)
+  except (loop.NonFiniteError, checkpoint.CheckpointError) as e:  # the run stopped; why, once
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 
 
+def _exit(message):
+  """Leaves with `error: <message>` on stderr and exit code 2 (a usage error)."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == '__main__':
-  problem = config_check.unknown_override(sys.argv)
-  if problem:  # before absl parses the flags: its own error does not list the valid keys
-    sys.exit(f'error: {problem}')
+  # Before absl parses the flags: its config loader gives a missing file, a refused config
+  # argument (an unknown stage) or an unknown key as a traceback, without the valid choices.
+  problem = config_check.startup_problem(sys.argv)
+  if problem:
+    _exit(problem)
   app.run(main)

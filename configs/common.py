@@ -2,6 +2,42 @@
 
 import ml_collections
 
+STAGES = ('vae', 'ldm', 'clip')  # ldm_jax.train.stages.STAGES (configs stay free of ldm_jax)
+
+
+def variants(spec, arg, default='', stages=None, flags=()):
+  """The parts of a config argument ('ldm,runlocal'), refusing unknown ones.
+
+  Args:
+    spec: the config file as its docstring names it (for the message): 'configs/shapes.py'.
+    arg: the argument after ':' (None or '' for `default`).
+    default: the argument when none is given.
+    stages: the choices of the first part (a stage), or None when the argument has none.
+    flags: the variants that may follow the stage (or, without `stages`, make up the argument).
+
+  Returns:
+    The list of parts, the stage first when `stages` is given.
+
+  Raises:
+    ValueError: an unknown part, naming the valid ones and an example.
+  """
+  parts = [p.strip() for p in (arg or default).split(',') if p.strip()]
+  valid = f'any of {", ".join(flags)}, comma-separated'
+  if stages:
+    valid = f'a stage ({", ".join(stages)})' + (f', then optionally {", ".join(flags)}'
+                                                 if flags else '')
+  example = ','.join([default] * bool(default) + [f for f in flags[-1:] if f != default])
+  fix = (f'the argument is {valid}, e.g. {spec}:{example}' if example else
+         f'{spec} takes no argument: use {spec}')
+  if stages and (not parts or parts[0] not in stages):
+    first = parts[0] if parts else ''
+    what = 'a variant, not a stage' if first in flags else 'not a stage'
+    raise ValueError(f'{spec}:{arg}: {first!r} is {what}; {fix}')
+  unknown = [p for p in parts[1 if stages else 0:] if p not in flags]
+  if unknown:
+    raise ValueError(f'{spec}:{arg}: unknown variant {unknown[0]!r}; {fix}')
+  return parts
+
 
 def model(preset):
   """The `model` group: which networks (a preset of ldm_jax.models) and how they compute.
@@ -31,6 +67,8 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
     resolution: image side in pixels.
     batch_size: the global batch.
   """
+  if stage not in STAGES:
+    raise ValueError(f'stage {stage!r} is not one of {", ".join(STAGES)}')
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.model = model(preset)
@@ -80,6 +118,7 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
       'auto': False,  # let JAX find the above itself: TPU pods, SLURM, Open MPI
       'initialization_timeout': 300,  # seconds to wait for every process to join
       'cpu_collectives': 'gloo',  # cross-process collectives of the CPU backend
+      'heartbeat_timeout_s': 60,  # a process silent this long is lost: the others stop (exit 75)
   })
   c.sharding = ml_collections.ConfigDict({
       # (regex over 'params/unet/down_blocks_0/...' paths, 'replicate' | 'fsdp' | axis tuple)
@@ -99,7 +138,10 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
 
 def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
   """The SD 1.x/2.x ldm config: ':finetune' (default), ':scratch', ',runlocal' (see sd15.py)."""
-  args = (arg or 'finetune').split(',')
+  args = variants(f'configs/{preset}.py', arg, 'finetune',
+                  flags=('finetune', 'scratch', 'runlocal'))
+  if {'finetune', 'scratch'} <= set(args):
+    raise ValueError(f'configs/{preset}.py:{arg}: choose finetune or scratch, not both')
   c = training('ldm', preset, 'image_folder/my_images', 'data', resolution=resolution,
                batch_size=64)
   c.model.dtype = 'bfloat16'  # float32 master weights (param_dtype), bf16 compute

@@ -23,7 +23,8 @@ DATA = 'shapes/s32_n4000_h200_seed0_centered'  # built by the command above
 
 
 def get_config(arg='ldm'):
-  args = (arg or 'ldm').split(',')
+  args = common.variants('configs/shapes.py', arg, 'ldm', stages=common.STAGES,
+                         flags=('runlocal',))
   stage = args[0]
   c = common.training(stage, 'tiny', DATA, 'data', resolution=32, batch_size=32)
   c.tokenizer = 'shapes'  # a word-level BPE over the caption vocabulary

@@ -8,7 +8,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.variants('configs/tiny.py', arg)  # no variants: refuses any argument
   c = common.training('ldm', 'tiny', 'shapes/s32_n64_h16_seed0', 'data', resolution=32,
                       batch_size=8)
   c.tokenizer = 'shapes'

@@ -9,6 +9,46 @@ P = jax.sharding.PartitionSpec
 BATCH_AXES = ('data', 'fsdp')  # the batch is split over every data-like axis
 
 
+def mesh_problems(axes, num_devices, axis_names=None):
+  """Every problem with config mesh axes such as (('data', -1), ('fsdp', 1)) on `num_devices`.
+
+  Args:
+    axes: the config's `mesh`.
+    num_devices: how many devices the run has (all hosts').
+    axis_names: the axis names that mean something (BATCH_AXES and those sharding rules name),
+      or None to leave the names unchecked.
+
+  Returns:
+    A list of messages, each with a mesh that fits; empty when all is well.
+  """
+  example = f"--config.mesh=\"(('data', -1), ('fsdp', 1))\" ({num_devices} devices, data parallel)"
+  if not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in axes or [None]):
+    return [f'mesh {axes!r} is not a list of (axis name, size) pairs: e.g. {example}']
+  names, sizes = [n for n, _ in axes], [s for _, s in axes]
+  problems = []
+  if len(set(names)) != len(names):
+    problems.append(f'mesh {list(axes)} names an axis twice: e.g. {example}')
+  unknown = [n for n in names if axis_names is not None and n not in axis_names]
+  if unknown:
+    problems.append(f'mesh axis {unknown[0]!r} is not one of {", ".join(axis_names)} (the '
+                    f'batch axes, and any axis a sharding rule names): e.g. {example}')
+  if any(not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1) for s in sizes):
+    problems.append(f'mesh {list(axes)}: every size is a positive integer, or -1 for the devices '
+                    f'left: e.g. {example}')
+    return problems
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1:
+    problems.append(f'mesh {list(axes)} has more than one -1 axis: at most one axis takes the '
+                    f'devices left, e.g. {example}')
+  elif (num_devices % known) if -1 in sizes else known != num_devices:
+    # The same axes with 'data' taking the devices left, and sizes that do not divide them at 1.
+    fits = (('data', -1),) + tuple((n, s if s != -1 and num_devices % s == 0 else 1)
+                                   for n, s in axes if n != 'data')
+    problems.append(f'mesh {list(axes)} needs {"a multiple of " if -1 in sizes else ""}{known} '
+                    f'devices; there are {num_devices}: e.g. --config.mesh="{fits}"')
+  return problems
+
+
 def make_mesh(axes, devices=None):
   """A mesh from config axes such as [('data', -1), ('fsdp', 1)] (-1: all remaining devices).
 
@@ -16,19 +56,82 @@ def make_mesh(axes, devices=None):
     ValueError: the sizes do not multiply to the device count, with the numbers.
   """
   devices = jax.devices() if devices is None else devices
+  problems = mesh_problems(axes, len(devices))
+  if problems:
+    raise ValueError('; '.join(problems))
   names = tuple(name for name, _ in axes)
-  sizes = [size for _, size in axes]
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if sizes.count(-1) > 1 or len(devices) % known:
-    raise ValueError(f'mesh {list(axes)} does not fit {len(devices)} devices: the fixed axis sizes '
-                     f'multiply to {known}')
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'mesh {dict(zip(names, sizes))} has {int(np.prod(sizes))} devices; '
-                     f'there are {len(devices)}')
+  known = int(np.prod([s for _, s in axes if s != -1]))
+  sizes = [len(devices) // known if s == -1 else s for _, s in axes]
   # Auto axes: XLA propagates shardings (JAX's default Explicit axes type every intermediate).
   return jax.make_mesh(tuple(sizes), names, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def rule_axes(rules):
+  """The mesh axis names that explicit rule specs (tuples of axis names per dimension) use."""
+  named = []
+  for rule in rules:
+    spec = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
+    if isinstance(spec, (tuple, list)):
+      for dim in spec:
+        named += [dim] if isinstance(dim, str) else list(dim or ())
+  return tuple(dict.fromkeys(named))
+
+
+def rule_problems(rules, mesh_axes):
+  """Every problem with sharding rules that shows without the parameters (regex, spec, axes).
+
+  Args:
+    rules: the config's `sharding.rules`: (regex, 'replicate' | 'fsdp' | axis names per dim).
+    mesh_axes: the names of the mesh's axes.
+  """
+  problems = []
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      problems.append(f'sharding.rules[{i}] {rule!r} is not a (regex, spec) pair: e.g. '
+                      "('.*', 'fsdp')")
+      continue
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      problems.append(f'sharding.rules[{i}] regex {pattern!r} does not compile: {e}')
+    if isinstance(spec, str) and spec not in ('replicate', 'fsdp'):
+      problems.append(f"sharding.rules[{i}] spec {spec!r} is not 'replicate' or 'fsdp' (or a "
+                      "tuple of mesh axis names per dimension, such as (None, 'fsdp'))")
+    missing = [a for a in rule_axes([rule]) if a not in mesh_axes]
+    if missing:
+      problems.append(f'sharding.rules[{i}] spec {spec!r} names axis {missing[0]!r}, which the '
+                      f'mesh does not have ({", ".join(mesh_axes)})')
+  return problems
+
+
+def unmatched_rules(rules, *trees):
+  """The sharding rules that decide no leaf of `trees`, each as a message naming the rule.
+
+  A rule decides a leaf when it is the first rule whose regex its path matches (as in
+  `tree_shardings`). One that decides none is a typo, or sits behind an earlier rule that
+  matches all its paths (such as ('.*', 'fsdp')): it shards nothing.
+
+  Args:
+    rules: (regex, spec) pairs.
+    *trees: the trees the rules are applied to (the abstract train state, the frozen weights).
+  """
+  paths = [path_string(p) for tree in trees for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  decided = set()
+  for path in paths:
+    first = next((i for i, (pattern, _) in enumerate(rules) if re.search(pattern, path)), None)
+    decided.add(first)
+  problems = []
+  for i, (pattern, spec) in enumerate(rules):
+    if i in decided:
+      continue
+    hit = next((p for p in paths if re.search(pattern, p)), None)
+    example = next((p for p in paths if p.startswith('params/')), paths[0] if paths else None)
+    why = (f'every path it matches (e.g. {hit!r}) is taken by an earlier rule: put it before '
+           'them' if hit else f'it matches no parameter path (they look like {example!r})')
+    problems.append(f'sharding.rules[{i}] ({pattern!r}, {spec!r}) shards nothing: {why}')
+  return problems
 
 
 def path_string(path):

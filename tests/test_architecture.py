@@ -118,7 +118,7 @@ def test_the_loop_never_branches_on_a_stage_name():
 # The README's layers, bottom to top: a module imports only from its own layer or below.
 LAYERS = [
     ('ldm_jax.models', 'ldm_jax.tokenizer', 'ldm_jax.sharding', 'ldm_jax.distributed',
-     'ldm_jax.cli_logging', 'ldm_jax.config_check'),
+     'ldm_jax.watchdog', 'ldm_jax.cli_logging', 'ldm_jax.config_check'),
     ('ldm_jax.convert', 'ldm_jax.data', 'ldm_jax.checkpoint', 'ldm_jax.diffusion'),
     ('ldm_jax.weights', 'ldm_jax.evaluation'),
     ('ldm_jax.sampling',),

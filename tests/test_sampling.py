@@ -208,7 +208,7 @@ def test_run_passes_and_records_size_only_when_given(tmp_path):
 
 def test_run_img2img_and_inpainting(tmp_path):
   init = _png(tmp_path / 'init.png', size=(45, 30))
-  mask = _png(tmp_path / 'mask.png', size=(10, 10), mode='L', color=255)
+  mask = _png(tmp_path / 'mask.png', size=(45, 30), mode='L', color=255)
   sd, recs, _, _ = _run(tmp_path, init_image=init)
   assert sd.calls[0]['strength'] == 0.8 and recs[0]['strength'] == 0.8  # img2img's default
   sd, recs, _, _ = _run(tmp_path, init_image=init, strength=0.5, num_images=2, batch_size=2)

@@ -108,6 +108,11 @@ def _open(path, what):
   return ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
 
 
+def pixel_size(path, what='image'):
+  """The (width, height) of the image at `path`, as it is shown (EXIF rotation applied)."""
+  return _open(path, what).size
+
+
 def image_size(path, multiple, what='image'):
   """The (height, width) of the image at `path`, each rounded down to a multiple of `multiple`
   (the VAE's downsampling factor)."""

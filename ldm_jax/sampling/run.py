@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from ldm_jax import config_check
 from ldm_jax.diffusion import pipeline
 from ldm_jax.sampling import outputs
 
@@ -77,11 +78,36 @@ def validate(request, samplers, scale_factor=None):
   problems += ['--' + p for p in pipeline.input_problems(strength=r.strength, **sizes)]
   if r.mask and not r.init_image:
     problems.append('--mask needs --init_image: the mask marks which pixels of it to repaint')
+  if not r.guidance >= 0:  # NaN too
+    problems.append(f'--guidance is {r.guidance}; it must be >= 0: values above 1 strengthen '
+                    'classifier-free guidance (7.5 is SD\'s usual), 0 to 1 turn it off (as in '
+                    'diffusers)')
   for flag, path in (('init_image', r.init_image), ('mask', r.mask)):
     if path and not os.path.isfile(path):
       problems.append(f'--{flag} {path!r} does not exist (or is not a file)')
+  problems += _mask_problems(r)
+  problem = config_check.folder_problem(r.out_dir, '--out')
+  if problem:
+    problems.append(problem)
   if problems:
     raise ValueError('bad sampling request:\n  ' + '\n  '.join(problems))
+
+
+def _mask_problems(request):
+  """A mask of another size than its init image (it would be stretched over it), or unreadable."""
+  if not (request.mask and request.init_image and os.path.isfile(request.mask)
+          and os.path.isfile(request.init_image)):
+    return []
+  try:
+    image = outputs.pixel_size(request.init_image, 'init image')
+    mask = outputs.pixel_size(request.mask, 'mask')
+  except ValueError as e:
+    return [str(e)]
+  if mask == image:
+    return []
+  return [f'--mask {request.mask!r} is {mask[0]}x{mask[1]} but --init_image '
+          f'{request.init_image!r} is {image[0]}x{image[1]}: it would be stretched over the '
+          f'image; resize the mask to {image[0]}x{image[1]} (white = repaint)']
 
 
 def plan_batches(request):

@@ -11,6 +11,7 @@ import os
 
 import jax.numpy as jnp
 
+from ldm_jax import checkpoint
 from ldm_jax import convert
 from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax import weights
@@ -26,9 +27,11 @@ class ModelSource:
   param_dtype: str | None
   kind: str = 'diffusers'  # 'single_file' (.safetensors / .ckpt) or 'workdir' (its EMA weights)
   tokenizer: str | None = None  # a tokenizer folder replacing the source's (a single file has none)
+  vae_workdir: str | None = None  # a workdir only: replaces the vae_workdir its config names
 
 
-def resolve_model(init=None, config=None, workdir=None, dtype=None, tokenizer=None):
+def resolve_model(init=None, config=None, workdir=None, dtype=None, tokenizer=None,
+                  vae_workdir=None):
   """Picks the weights to sample from: --workdir, or --init, else config.init.
 
   Args:
@@ -40,6 +43,8 @@ def resolve_model(init=None, config=None, workdir=None, dtype=None, tokenizer=No
     dtype: compute dtype name overriding the config's (default: config's, else float32; for a
       workdir, the run's).
     tokenizer: a tokenizer folder (--tokenizer): needed by a single file, which holds none.
+    vae_workdir: with `workdir`, the vae-stage run to take the VAE from instead of the one the
+      run's config names (a run moved or copied away from it).
 
   Returns:
     ModelSource.
@@ -53,7 +58,12 @@ def resolve_model(init=None, config=None, workdir=None, dtype=None, tokenizer=No
     if tokenizer:
       raise ValueError('--tokenizer does not go with --workdir: a run samples with the tokenizer '
                        'it trained with')
-    return ModelSource(workdir, dtype, None, kind='workdir')
+    if vae_workdir and not os.path.isdir(vae_workdir):
+      raise ValueError(f'--vae_workdir {vae_workdir!r} does not exist: it names the vae-stage '
+                       'run the sampled run trained with')
+    return ModelSource(workdir, dtype, None, kind='workdir', vae_workdir=vae_workdir)
+  if vae_workdir:
+    raise ValueError('--vae_workdir goes with --workdir: it replaces the VAE of a training run')
   path = init or (config.get('init') if config is not None else None)
   if not path:
     raise ValueError('nothing to sample from: pass --init DIR (a diffusers folder with '
@@ -117,7 +127,7 @@ def load(source):
   logging.info('loading %s (%s; compute %s, params %s)', source.path, source.kind,
                source.dtype or "the run's", source.param_dtype or "the run's")
   if source.kind == 'workdir':
-    return from_workdir(source.path, source.dtype)
+    return from_workdir(source.path, source.dtype, source.vae_workdir)
   kw = dict(dtype=jnp.dtype(source.dtype), param_dtype=jnp.dtype(source.param_dtype))
   if source.kind == 'single_file':
     return convert.load_single_file(source.path, tokenizer=source.tokenizer, **kw)
@@ -127,7 +137,7 @@ def load(source):
   return components
 
 
-def from_workdir(workdir, dtype=None):
+def from_workdir(workdir, dtype=None, vae_workdir=None):
   """Sampling components from a training run's latest checkpoint (its EMA parameters).
 
   The networks are rebuilt from the config saved in the checkpoint, the frozen VAE (and frozen
@@ -137,13 +147,20 @@ def from_workdir(workdir, dtype=None):
   Args:
     workdir: an ldm-stage training workdir.
     dtype: a compute dtype name overriding the run's `model.dtype`, or None.
+    vae_workdir: a vae-stage run replacing the run's `vae_workdir`, or None.
 
   Returns:
     convert.Components.
+
+  Raises:
+    ValueError: a run of another stage, or one whose VAE or text encoder source is gone.
+    FileNotFoundError: a workdir without a checkpoint.
   """
-  config = weights.run_config(workdir)
-  if config.stage != 'ldm':
-    raise ValueError(f'{workdir} trained the {config.stage!r} stage; sampling needs an ldm run')
+  config = _run_config(workdir)
+  if vae_workdir:
+    with config.unlocked():
+      config.vae_workdir = os.path.abspath(vae_workdir)
+  _check_run_sources(config)
   tok = weights.run_tokenizer(workdir, config)
   weights.fill_vocab_size(config, tok)
   if dtype:
@@ -157,3 +174,59 @@ def from_workdir(workdir, dtype=None):
       unet=(nets.unet, ema['unet']), vae=(nets.vae, nets.frozen['vae']),
       text_encoder=(nets.text_encoder, text), tokenizer=tok,
       scheduler_config=nets.scheduler_config)
+
+
+# What to do with a run of another stage than ldm.
+_OTHER_STAGES = {
+    'vae': ('its reconstructions are in {w}/samples; to sample images, train an ldm stage on its '
+            'latents: python train.py --config configs/shapes.py:ldm --config.vae_workdir={w} '
+            '--workdir ...'),
+    'clip': ('its text encoder serves an ldm run: python train.py --config configs/shapes.py:ldm '
+             '--config.text_encoder.trainable=False --config.text_encoder.workdir={w} '
+             '--workdir ...'),
+}
+
+
+def _run_config(workdir):
+  """The saved config of an ldm-stage run; refuses other stages and workdirs with no checkpoint."""
+  try:
+    config = weights.run_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+        f'training workdir {workdir!r} holds no checkpoint (no saved step under '
+        f'{os.path.join(workdir, "checkpoints")}): sample a run that has saved one (every '
+        'ckpt_every steps, and at its end), or train there first') from e
+  if config.stage != 'ldm':
+    hint = _OTHER_STAGES.get(config.stage, 'pass the workdir of an ldm-stage run')
+    raise ValueError(f'{workdir} trained the {config.stage!r} stage; sampling needs an ldm run '
+                     f'(sample.py samples ldm runs): {hint.format(w=workdir)}')
+  return config
+
+
+def _check_run_sources(config):
+  """Raises ValueError when the weights a run took from elsewhere (its `init` folder, VAE run,
+  frozen text encoder run) are no longer where its saved config says."""
+  if config.init:
+    origins = [('init', config.init, 'networks come', os.path.exists, 'does not exist',
+                'put the diffusers folder back there')]
+  else:
+    origins = [('vae_workdir', config.vae_workdir, 'VAE comes', _has_checkpoint,
+                'holds no checkpoint', 'pass --vae_workdir=<the vae-stage run it trained with>')]
+    if not config.text_encoder.trainable:
+      origins.append(('text_encoder.workdir', config.text_encoder.workdir,
+                      'frozen text encoder comes', _has_checkpoint, 'holds no checkpoint',
+                      'put the clip-stage run back there'))
+  problems = []
+  for key, stored, what, ok, missing, fix in origins:
+    if not stored or ok(stored):
+      continue
+    where = (f'{stored!r} (resolved against the current directory to '
+             f'{os.path.abspath(stored)!r})' if not os.path.isabs(stored) else repr(stored))
+    problems.append(f'the run\'s {what} from its {key} {where}, which {missing}: the run was '
+                    f'perhaps moved or copied; {fix}')
+  if problems:
+    raise ValueError('; '.join(problems))
+
+
+def _has_checkpoint(path):
+  return checkpoint.latest_checkpoint_dir(path) is not None

@@ -1,24 +1,40 @@
-"""Training logs: metrics.jsonl, TensorBoard event files and a progress line with steps/s and ETA."""
+"""Training logs: metrics.jsonl, TensorBoard event files and a progress line with steps/s and ETA.
+
+A resumed run replays the steps after its checkpoint: their rows from the interrupted run are
+removed from metrics.jsonl and purged from TensorBoard, so that each step is recorded once.
+"""
 
 import json
+import logging
 import os
 import time
 
 import jax
-import numpy as np
 
 
 class Logger:
-  """Writes one JSON line and TensorBoard scalars per logged step (process 0 only)."""
+  """Writes one JSON line and TensorBoard scalars per logged step (process 0 only).
 
-  def __init__(self, workdir, num_steps, enabled=True):
+  Args:
+    workdir: where metrics.jsonl and tensorboard/ go.
+    num_steps: the run's length (for the ETA).
+    enabled: False on processes other than 0.
+    start_step: the step the run starts from (a resumed checkpoint's): rows of later steps, from
+      an interrupted run, are dropped.
+  """
+
+  def __init__(self, workdir, num_steps, enabled=True, start_step=0):
     self.num_steps, self.enabled = num_steps, enabled
     self._file = self._tb = None
     if enabled:
-      self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _drop_rows_after(path, start_step)
+      self._file = open(path, 'a')
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        # purge_step: TensorBoard discards the earlier events from this step on.
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                              purge_step=start_step + 1 if start_step else None)
       except ImportError:  # pragma: no cover - tensorboardX is a dependency
         self._tb = None
     self._last_time, self._last_step = time.time(), None
@@ -57,5 +73,26 @@ class Logger:
       self._tb.close()
 
 
-def finite(values):
-  return all(np.isfinite(v) for v in values.values())
+def _drop_rows_after(path, step):
+  """Rewrites metrics.jsonl without the rows after `step` (and an unfinished last line)."""
+  if not os.path.isfile(path):
+    return
+  kept, dropped, lines = [], [], 0
+  with open(path) as f:
+    for line in f:
+      lines += 1
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # the interrupted run died while writing it
+        continue
+      (kept if row.get('step', 0) <= step else dropped).append(row)
+  if len(kept) == lines:
+    return
+  if dropped:
+    logging.warning('steps %d-%d are replayed from the checkpoint of step %d: their %d rows '
+                    'logged by the interrupted run are replaced in %s', dropped[0]['step'],
+                    dropped[-1]['step'], step, len(dropped), path)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in kept)
+  os.replace(tmp, path)

@@ -19,13 +19,19 @@ from ldm_jax import weights
 from ldm_jax.data import pipeline
 from ldm_jax.train import export
 from ldm_jax.train import logger as logger_lib
+from ldm_jax.train import preflight
 from ldm_jax.train import stages
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss went NaN/inf; the message names the step and the last good checkpoint."""
+class NonFiniteError(RuntimeError):
+  """The loss, the gradients or the weights went NaN/inf; the message names the step and the
+  last good checkpoint."""
+
+
+# Each step's metrics that must be finite: a loss can stay finite while the gradients overflow.
+_MUST_BE_FINITE = ('loss', 'grad_norm', 'param_norm', 'update_norm')
 
 
 @dataclasses.dataclass
@@ -45,12 +51,17 @@ class Run:
 
 def train(config, workdir):
   """Trains `config.stage` in `workdir`; returns the final step."""
-  return run(setup(config, workdir))
+  try:
+    return run(setup(config, workdir))
+  except Exception as e:
+    distributed.report_failure(e)  # the other processes stop now, naming this one and why
+    raise
 
 
 def setup(config, workdir):
   """Everything before the first step, in order; returns the Run."""
   distributed.initialize(config.distributed)  # before anything starts a JAX backend
+  preflight.check(config, workdir)  # every user error, before anything is written
   os.makedirs(workdir, exist_ok=True)
   rng = jax.random.key(config.seed)
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
@@ -58,18 +69,20 @@ def setup(config, workdir):
                           if distributed.is_main() else None)
   weights.fill_vocab_size(config, tok)
   stage = stages.build_stage(config, tok)
-  data_config = pipeline.LoaderConfig.from_config(config.data)
-  if data_config.batch_size % mesh.size:
-    raise ValueError(f'global batch {data_config.batch_size} is not divisible by {mesh.size} '
-                     f'devices (mesh {dict(mesh.shape)})')
-  loader = pipeline.Loader(stage.training_data(data_config, workdir), tok)
   tx, lr_schedule = state_lib.make_optimizer(config.optim, config.num_steps)
   abstract, frozen_shardings, update = step_lib.make_step(config, stage, tx, lr_schedule, mesh,
                                                           rng)
+  unmatched = sharding.unmatched_rules([tuple(r) for r in config.sharding.rules], abstract,
+                                       stage.frozen)
+  if unmatched:  # a typo in a rule: before the data is read or encoded
+    raise preflight.ConfigError(unmatched)
+  data_config = pipeline.LoaderConfig.from_config(config.data)
+  loader = pipeline.Loader(stage.training_data(data_config, workdir), tok)
   _log_setup(abstract, mesh)
   frozen = sharding.put_host_tree(stage.frozen, frozen_shardings)
   distributed.barrier('ldm_jax_setup')  # orbax's collectives follow
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  distributed.note_checkpoints(ckpt.directory)  # named when a lost process stops the run
   state = _restore_or_init(config, stage, tx, abstract, ckpt, loader, rng)
   return Run(config, workdir, mesh, loader, stage, update, frozen, state, ckpt, rng)
 
@@ -77,13 +90,14 @@ def setup(config, workdir):
 def run(r):
   """Steps `r.state` to `config.num_steps` (or a stop signal); returns the final step."""
   c = r.config
-  log = logger_lib.Logger(r.workdir, c.num_steps, enabled=distributed.is_main())
+  done = int(r.state['step'])
+  log = logger_lib.Logger(r.workdir, c.num_steps, enabled=distributed.is_main(), start_step=done)
   reader = _MetricsReader(log, r.loader, c, r.workdir, r.ckpt.latest_step())
   previewer = export.Previewer(r.stage, r.workdir, r.mesh)
   config_dict = json.loads(c.to_json_best_effort())
   # XLA:CPU's all-reduce can deadlock with several steps in flight: block there (only there).
   block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1
-  state, compiled, done = r.state, None, int(r.state['step'])
+  state, compiled = r.state, None
   try:
     with _Stop() as stop:
       for step in range(done, c.num_steps):
@@ -98,16 +112,21 @@ def run(r):
           jax.block_until_ready(metrics)
         done = step + 1
         reader.push(done, metrics)
+        r.ckpt.check()  # a failed background save stops the run now, not at the next save
         last = done == c.num_steps or stop.requested
         if done % c.ckpt_every == 0 or last:
-          reader.flush()  # a non-finite loss stops here, before its state is saved
-          r.ckpt.save(done, state, r.loader.get_state(), config_dict)
+          reader.flush()  # a non-finite step stops here, before its state is saved
+          try:
+            r.ckpt.save(done, state, r.loader.get_state(), config_dict)
+          except checkpoint.NonFiniteStateError as e:
+            raise NonFiniteError(f'{e}. {reader.last_good()}') from e
           reader.good_step = done
         if c.sample_every and (done % c.sample_every == 0 or last):
           previewer.preview(state['ema_params'], r.frozen, done)
         if stop.requested:
           break
       reader.flush()
+      r.ckpt.wait()  # the last save is complete (or its failure raised) before the export
   finally:  # an in-flight async save completes even when the run stops on an error
     r.ckpt.close()
     log.close()
@@ -118,12 +137,22 @@ def run(r):
 
 class _MetricsReader:
   """Reads each step's metrics one step late, so that logging never stalls the device; stops the
-  run at a non-finite loss, naming the last good checkpoint."""
+  run at a non-finite loss, gradient or weight norm, naming the last good checkpoint."""
 
   def __init__(self, log, loader, config, workdir, good_step):
     self.log, self.loader, self.config, self.workdir = log, loader, config, workdir
     self.good_step = good_step  # the newest checkpoint saved from finite metrics
     self._pending = None  # (step, metrics on the device) not yet read
+
+  def last_good(self):
+    """Where a rerun restarts, and what to change."""
+    if self.good_step is None:
+      where = (f'No checkpoint was saved before it (the first is due at step '
+               f'{self.config.ckpt_every}): a rerun starts from the beginning')
+    else:
+      where = (f'The last good checkpoint is step {self.good_step} in '
+               f'{os.path.join(self.workdir, "checkpoints")} (resuming restarts there)')
+    return f'{where}; lower optim.lr, check the data, or train in float32'
 
   def push(self, step, metrics):
     """Reads the previous step's metrics (done by now) and keeps these for the next call."""
@@ -136,11 +165,13 @@ class _MetricsReader:
       return
     (step, metrics), self._pending = self._pending, None
     values = jax.device_get(metrics)
-    if not logger_lib.finite({'loss': values['loss']}):
-      raise NonFiniteLossError(
-          f'loss is {float(values["loss"])} at step {step}: stopped. The last good checkpoint is '
-          f'step {self.good_step} in {os.path.join(self.workdir, "checkpoints")} (resuming '
-          'restarts there); lower optim.lr, check the data, or train in float32')
+    bad = [k for k in _MUST_BE_FINITE if k in values and not np.isfinite(values[k])]
+    if bad:
+      what = (f'loss is {float(values["loss"])}' if 'loss' in bad else
+              f'the loss is finite ({float(values["loss"]):.4g}) but '
+              + ', '.join(f'{k} is {float(values[k])}' for k in bad)
+              + ' (the gradients or the updated weights are not finite)')
+      raise NonFiniteError(f'{what} at step {step}: stopped. {self.last_good()}')
     if step % self.config.log_every == 0 or step == self.config.num_steps:
       self.log.log(step, values, self.config.data.batch_size, extra={'data': self.loader.stats})
 
@@ -148,25 +179,33 @@ class _MetricsReader:
 def _restore_or_init(config, stage, tx, abstract, ckpt, loader, rng):
   """The state to start from.
 
-  Resume order: this workdir's latest checkpoint (state and data position), then
+  Resume order: this workdir's newest good checkpoint (state and data position), then
   `config.resume` (another run's checkpoint: its state, the data starts over), then
   `config.init` (pretrained weights, loaded by the stage), then scratch.
   """
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(ckpt.latest_step(), abstract)
+  found = ckpt.restore_newest_good(abstract)  # corrupt steps are reported and set aside
+  if found is not None:
+    step, state, data_state = found
+    if step > config.num_steps:
+      raise preflight.ConfigError([
+          f'the workdir\'s checkpoint is at step {step}, past num_steps={config.num_steps}: '
+          f'nothing to train. Raise --config.num_steps above {step} to train on, or give '
+          'another --workdir'])
     if data_state is not None:
       loader.set_state(data_state)
-    logging.info('resumed from step %d of this workdir', int(state['step']))
+    logging.info('resumed from step %d of this workdir', step)
     return state
   if config.resume:
     directory = checkpoint.latest_checkpoint_dir(config.resume)
     if directory is None:
       raise FileNotFoundError(f'config.resume={config.resume!r} holds no checkpoint')
     other = checkpoint.Checkpointer(None, async_save=False, directory=directory)
-    state, _, _ = other.restore(other.latest_step(), abstract)
-    other.close()
-    logging.info('resumed the state of %s at step %d', config.resume, int(state['step']))
+    try:  # another run's: its bad steps are skipped, not moved
+      step, state, _ = other.restore_newest_good(abstract, set_aside=False)
+    finally:
+      other.close()
+    logging.info('resumed the state of %s at step %d', config.resume, step)
     return state
   if stage.pretrained is not None:
     logging.info('initialised from %s', config.init)

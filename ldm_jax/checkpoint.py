@@ -1,12 +1,14 @@
 """Orbax checkpoints of the train state, the data-iterator position and the config, verified.
 
 Every step holds four items: 'state', 'data' (each process's data position), 'config' and
-'checksums' (each process's CRC32 of every shard it saves, computed from the bytes it hands to
-orbax; a state with a NaN or inf is refused there), compared after every restore. A step that
-cannot be restored (a truncated or missing file, unreadable JSON) or whose arrays differ from
-their checksums is reported in one line; a run resuming its own workdir moves it to
+'checksums' (each process's CRC32 of every shard it saves, from a host copy of the state taken
+before the save; a state with a NaN or inf is refused there), compared after every restore. A
+step that cannot be restored (a truncated or missing file, unreadable JSON) or whose arrays
+differ from their checksums is reported in one line; a run resuming its own workdir moves it to
 `<workdir>/checkpoints_set_aside/` (never deletes it) and takes the newest good step. Readers of
-another run (`read_checkpoint`: sampling, `config.resume`, a VAE run) skip it without writing.
+another run (sampling and a VAE run through `read_checkpoint`, `config.resume` through
+`restore_newest_good(set_aside=False)`) skip it without writing. A config whose arrays differ
+from the saved ones (another model or dtype) is named as such, not as corruption.
 
 Resume order (see `train.loop`): the workdir's newest good checkpoint, then `config.resume`
 (another run's checkpoint directory), then `config.init` (a diffusers folder), then from scratch.
@@ -27,12 +29,13 @@ from typing import Any
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ldm_jax import distributed
+from ldm_jax import sharding
 
-_ITEMS = ('state', 'data', 'config', 'checksums')
 SET_ASIDE = 'checkpoints_set_aside'  # beside `checkpoints/`: steps that failed verification
 
 
@@ -90,18 +93,6 @@ class PerProcessJsonRestore(ocp.args.CheckpointArgs):
   pass
 
 
-def _key(path):
-  """'opt_state/0/mu/unet/conv_in/kernel': the same for a tree and its restored copy (orbax
-  restores tuples and named tuples as lists and dicts)."""
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
-
-
 def _index_key(index, shape):
   """'0:64,0:320': a shard's place in its array (empty for a scalar)."""
   return ','.join(f'{s.start or 0}:{n if s.stop is None else s.stop}' for s, n in zip(index, shape))
@@ -112,7 +103,8 @@ def _crc(block):
 
 
 def _nonfinite(block):
-  return np.issubdtype(block.dtype, np.inexact) and not np.isfinite(block).all()
+  # jnp.issubdtype: numpy does not count bfloat16 as inexact.
+  return jnp.issubdtype(block.dtype, jnp.inexact) and not np.isfinite(block).all()
 
 
 def _pieces(x):
@@ -131,7 +123,7 @@ def checksums(tree):
   devices once). CRC32 catches every burst of up to 32 flipped bits; zlib releases the GIL, so
   the arrays are hashed on several threads.
   """
-  flat = [(_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  flat = [(sharding.path_string(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
   def one(item):
     key, x = item
@@ -177,7 +169,7 @@ def verify(tree, step_dir):
     by_path.setdefault(path, []).append((index, crc))
   differ, nonfinite, unchecked = [], [], 0
   for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    path = _key(p)
+    path = sharding.path_string(p)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:  # several processes
       blocks = {_index_key(i, x.shape): b for i, b in _pieces(x)}
     else:  # the saved shards, cut from the whole array (on any mesh)
@@ -233,6 +225,12 @@ def one_line(error):
   return f'{type(error).__name__}: {text[0][:300] if text else ""}'
 
 
+def _handlers(state_handler):
+  """Every item's handler, so that a step's metadata reads before anything is restored."""
+  return {'state': state_handler, 'data': _PerProcessJsonHandler(),
+          'config': ocp.JsonCheckpointHandler(), 'checksums': _PerProcessJsonHandler()}
+
+
 class Checkpointer:
   """A CheckpointManager over `<workdir>/checkpoints` (async saves, keep the newest N), verified."""
 
@@ -240,8 +238,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory or os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(
+        ocp.StandardCheckpointHandler()))
     self._saving = None  # the step of the newest save (its background write may be running)
+    self._pending = False  # that save has not been waited for
     self._failed = None  # a failed save's message, once reported
 
   def latest_step(self):
@@ -262,14 +262,16 @@ class Checkpointer:
           checksums=PerProcessJsonSave(sums)), force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
-    self._saving = step
+    self._saving, self._pending = step, True
 
   def check(self):
-    """Raises CheckpointError if a background save has failed (cheap: call it every step)."""
-    try:
-      self.manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(self._saving, e) from e
+    """Raises CheckpointError once a background save has failed (cheap: call it every step).
+
+    Orbax's finalize thread takes the write's error as soon as the write ends: a save that is
+    no longer in progress is waited for here, which raises it.
+    """
+    if self._pending and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def _save_error(self, step, error):
     good = [s for s in self.manager.all_steps() if s != step]
@@ -282,6 +284,7 @@ class Checkpointer:
   def restore(self, step, abstract_state):
     """(state placed like `abstract_state`'s shardings, this process's data state or None,
     config), verified against the step's checksums; raises if it cannot be restored."""
+    _check_matches(self.manager.item_metadata(step)['state'], abstract_state)
     items = {'state': ocp.args.StandardRestore(abstract_state), 'data': PerProcessJsonRestore(),
              'config': ocp.args.JsonRestore()}
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -301,7 +304,14 @@ class Checkpointer:
       try:
         state, data, _ = self.restore(step, abstract_state)
         problem = None
-      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, json, ours)
+      except CheckpointError as e:  # the restored arrays failed verification (every process)
+        problem = one_line(e)
+      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, json)
+        if jax.process_count() > 1:  # the others may wait in orbax's collectives: no fallback
+          raise CheckpointError(
+              f'checkpoint step {step} of {self.directory} cannot be read on process '
+              f'{jax.process_index()} ({one_line(e)}): move it into {SET_ASIDE}/ beside it and '
+              'start every process again') from e
         problem = one_line(e)
       problem = _agree(problem)
       if problem is None:
@@ -315,7 +325,9 @@ class Checkpointer:
       raise CheckpointError(
           f'no usable checkpoint in {self.directory}: '
           + '; '.join(f'step {s}: {p}' for s, p in problems)
-          + '. Move the checkpoints directory aside to start over, or restore it from a copy')
+          + '. If the config changed since they were saved (model, dtypes), run with the one '
+          'they were saved with; if their files were damaged, move the checkpoints directory '
+          'aside to start over')
     return None
 
   def _set_aside(self, steps):
@@ -333,6 +345,7 @@ class Checkpointer:
 
   def wait(self):
     """Waits for the background save; raises CheckpointError if it failed."""
+    self._pending = False
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -350,6 +363,24 @@ class Checkpointer:
       self.manager.close()
     except Exception as e:  # pylint: disable=broad-except
       logging.error('closing the checkpoints of %s: %s', self.directory, one_line(e))
+
+
+def _check_matches(saved, abstract):
+  """Raises CheckpointError if the config's arrays (`abstract`) are not the saved ones: a
+  changed model or dtype, which would otherwise fail as a corrupt checkpoint."""
+  flat = lambda tree: {sharding.path_string(p): x
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved, wanted = flat(saved), flat(abstract)
+  differ = [f'{k}: saved {saved[k].dtype}{list(saved[k].shape)}, config '
+            f'{wanted[k].dtype}{list(wanted[k].shape)}' for k in wanted
+            if k in saved and (np.dtype(saved[k].dtype) != np.dtype(wanted[k].dtype)
+                               or tuple(saved[k].shape) != tuple(wanted[k].shape))]
+  missing = sorted(set(wanted) ^ set(saved))
+  if differ or missing:
+    parts = [f'{len(differ)} arrays differ ({"; ".join(differ[:2])})'] if differ else []
+    parts += [f'{len(missing)} are in one and not the other ({", ".join(missing[:2])})'] * bool(
+        missing)
+    raise CheckpointError('the config does not match the checkpoint: ' + ', '.join(parts))
 
 
 def _agree(problem):
@@ -399,9 +430,8 @@ def read_checkpoint(path, item='state', step=None, only=None):
     raise FileNotFoundError(f'no checkpoint under {path!r}: train there first (python train.py '
                             f'--workdir {path} ...)')
   options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  manager = ocp.CheckpointManager(directory, options=options, item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(), 'data': _PerProcessJsonHandler(),
-      'config': ocp.JsonCheckpointHandler(), 'checksums': _PerProcessJsonHandler()})
+  manager = ocp.CheckpointManager(directory, options=options,
+                                  item_handlers=_handlers(ocp.PyTreeCheckpointHandler()))
   try:
     steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
     problems = []

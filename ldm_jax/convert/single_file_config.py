@@ -45,11 +45,6 @@ class Settings:
   sources: dict
 
 
-def read_original_config(config_yaml):
-  """The original LDM YAML (a path or an already parsed dict) -> its `model.params` dict."""
-  return read_yaml(config_yaml)[0]
-
-
 def read_yaml(config_yaml, name='the original config'):
   """An LDM YAML (a path or a parsed dict) -> (`model.params`, description or None, note or None).
 

@@ -34,7 +34,7 @@ class Logger:
         import tensorboardX  # pylint: disable=g-import-not-at-top
         # purge_step: TensorBoard discards the earlier events from this step on.
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                                              purge_step=start_step + 1 if start_step else None)
+                                              purge_step=start_step + 1)
       except ImportError:  # pragma: no cover - tensorboardX is a dependency
         self._tb = None
     self._last_time, self._last_step = time.time(), None

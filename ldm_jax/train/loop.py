@@ -60,7 +60,10 @@ def train(config, workdir):
 
 def setup(config, workdir):
   """Everything before the first step, in order; returns the Run."""
-  distributed.initialize(config.distributed)  # before anything starts a JAX backend
+  try:
+    distributed.initialize(config.distributed)  # before anything starts a JAX backend
+  except ValueError as e:  # a bad distributed group
+    raise preflight.ConfigError([str(e)]) from e
   preflight.check(config, workdir)  # every user error, before anything is written
   os.makedirs(workdir, exist_ok=True)
   rng = jax.random.key(config.seed)

@@ -90,7 +90,8 @@ def check(config, workdir, num_devices=None):
   _resolve_paths(config)
   problems = (_stage_problems(config) + _number_problems(config) + _choice_problems(config)
               + _batch_problems(config, num_devices) + _mesh_problems(config, num_devices)
-              + _path_problems(config) + _source_problems(config) + _data_problems(config))
+              + _path_problems(config, workdir) + _source_problems(config)
+              + _data_problems(config))
   problem = config_check.folder_problem(workdir, '--workdir')
   if problem:
     problems.append(problem)
@@ -211,16 +212,19 @@ def _mesh_problems(config, num_devices):
   return problems
 
 
-def _path_problems(config):
+def _path_problems(config, workdir):
   """Paths that do not exist, and run workdirs that hold no checkpoint."""
   problems = []
+  # `resume` is read only by a run's first start: its own checkpoints win from then on.
+  resuming_itself = checkpoint.latest_checkpoint_dir(workdir) is not None
   what = {'init': 'a diffusers folder holding model_index.json',
           'tokenizer': f'a tokenizer folder (python -m ldm_jax.tokenizer build-clip --out DIR), '
                        f'or one of {", ".join(TOKENIZER_NAMES)}, or empty for the init folder\'s',
           **RUN_KEYS}
   for key in PATH_KEYS:
     value = _get(config, key)
-    if not _is_path(key, value) or key in _CHECKED_ELSEWHERE:
+    if (not _is_path(key, value) or key in _CHECKED_ELSEWHERE
+        or (key == 'resume' and resuming_itself)):
       continue
     if not os.path.exists(value):
       problems.append(f'{key} {value!r} does not exist: it must name {what[key]}')
@@ -246,6 +250,10 @@ def _source_problems(config):
       problems.append('a frozen text encoder needs weights: --config.init=<diffusers folder> or '
                       '--config.text_encoder.workdir=<a clip-stage workdir>, or train it jointly '
                       'with --config.text_encoder.trainable=True')
+  if _get(config, 'precompute_latents') and jax.process_count() > 1:
+    problems.append('precompute_latents encodes the data in one process: encode it first on one '
+                    'host (ldm_jax.data.precompute), then train with data.precomputed=True and '
+                    '--config.precompute_latents=False')
   if _get(config, 'stage') != 'ldm' and _get(config, 'precompute_latents'):
     problems.append(f'precompute_latents is for the ldm stage, not {_get(config, "stage")!r}: '
                     'set --config.precompute_latents=False')

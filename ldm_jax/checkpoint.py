@@ -402,10 +402,16 @@ def _agree(problem):
 
 
 def latest_checkpoint_dir(path):
-  """`path` if it is a checkpoints directory with a step, else `path/checkpoints`; None if none."""
+  """`path` if it is a checkpoints directory with a step, else `path/checkpoints`; None if none.
+
+  Looks at the folder names only (orbax names a step's folder by its number once it is written):
+  no CheckpointManager, whose creation is a collective of every process.
+  """
   path = os.path.abspath(path)  # orbax wants absolute paths
   for candidate in (path, os.path.join(path, 'checkpoints')):
-    if os.path.isdir(candidate) and ocp.CheckpointManager(candidate).latest_step() is not None:
+    if os.path.isdir(candidate) and any(
+        name.isdigit() and os.path.isdir(os.path.join(candidate, name))
+        for name in os.listdir(candidate)):
       return candidate
   return None
 

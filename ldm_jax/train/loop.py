@@ -212,10 +212,16 @@ def _restore_or_init(config, stage, tx, abstract, ckpt, loader, rng):
     return state
   if stage.pretrained is not None:
     logging.info('initialised from %s', config.init)
-    placed = sharding.put_host_tree(stage.pretrained, shardings['params'])
-    return jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=shardings)(placed)
-  return jax.jit(lambda r: state_lib.init_state(stage.init_params(r), tx),
-                 out_shardings=shardings)(rng)
+    arg = sharding.put_host_tree(stage.pretrained, shardings['params'])
+    init = jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=shardings)
+  else:
+    arg = rng
+    init = jax.jit(lambda r: state_lib.init_state(stage.init_params(r), tx),
+                   out_shardings=shardings)
+  compiled = init.lower(arg).compile()
+  # Its run may hold collectives: the CPU backend's (gloo) wait only 30 s for a slower peer.
+  distributed.barrier('ldm_jax_init_compiled')
+  return compiled(arg)
 
 
 def _log_setup(abstract, mesh):

@@ -152,7 +152,7 @@ def build_folder(src, data_dir, keep_empty_captions=False, overwrite=False, name
   builder = ImageFolder(config=config, data_dir=data_dir, file_format='array_record')
   record = epath.Path(builder.data_dir) / 'source.json'  # data_dir may be gs://
   if (epath.Path(builder.data_dir) / 'dataset_info.json').exists():  # built before
-    old = _read_json(record)
+    old = read_record(record)
     change = (folder_lib.changes(old, source) if old
               else 'it has no record of its source (built by an older version)')
     if not change:
@@ -173,8 +173,9 @@ def build_folder(src, data_dir, keep_empty_captions=False, overwrite=False, name
   return dataset, summary
 
 
-def _read_json(path):
-  """The JSON file's content, or None when it is missing or unreadable."""
+def read_record(path):
+  """A build's JSON record of what it was made from (an epath), or None when it is missing or
+  unreadable (a build from before records, an interrupted write): the build is then redone."""
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError):

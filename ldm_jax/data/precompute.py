@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ldm_jax.data import builders
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 
@@ -115,7 +116,7 @@ def precompute(loader_config, tokenizer, vae, text_encoder, data_dir, name, batc
   builder = Precomputed(config=config, data_dir=data_dir, file_format='array_record')
   record = epath.Path(builder.data_dir) / _INPUTS  # the workdir may be gs://
   if (epath.Path(builder.data_dir) / 'dataset_info.json').exists():
-    old = _read_json(record)
+    old = builders.read_record(record)
     changed = (_differences(old, inputs) if old
                else ['no record of its inputs: made by an older version, or interrupted'])
     if not changed:
@@ -198,14 +199,6 @@ def _flat(record):
     else:
       out[key] = value
   return out
-
-
-def _read_json(path):
-  """The JSON file's content, or None when it is missing or unreadable."""
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
 
 
 def _rebatch(loader, batch_size):

@@ -78,7 +78,7 @@ class JaxSide:
 
   def __init__(self, folder, args):
     import jax  # pylint: disable=g-import-not-at-top
-    from ldm_jax.models import layers  # pylint: disable=g-import-not-at-top
+    from ldm_jax.models import attention  # pylint: disable=g-import-not-at-top
     update, update_fn, self.state, self.batch, self.rng = build_jax_step(folder, args)
     inputs = (self.state, {}, self.batch, self.rng)
     t0 = time.perf_counter()
@@ -88,11 +88,11 @@ class JaxSide:
     # Model FLOPs for MFU: XLA counts a loop's body once, so the CPU's query-chunked attention
     # (a lax.map) would be undercounted; count the step traced without chunks, before XLA's
     # optimisations (no rematerialisation either, as MFU conventionally counts).
-    budget, layers.CPU_QUERY_CHUNK_LOGITS = layers.CPU_QUERY_CHUNK_LOGITS, float('inf')
+    budget, attention.CPU_QUERY_CHUNK_LOGITS = attention.CPU_QUERY_CHUNK_LOGITS, float('inf')
     try:
       self.flops = _flops(jax.jit(lambda *a: update_fn(*a)).lower(*inputs))  # a fresh trace
     finally:
-      layers.CPU_QUERY_CHUNK_LOGITS = budget
+      attention.CPU_QUERY_CHUNK_LOGITS = budget
 
   def step(self):
     self.state, metrics = self.compiled(self.state, {}, self.batch, self.rng)
@@ -153,7 +153,7 @@ def main():
                       help='compute dtype (weights and optimizer state stay float32)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps per side')
   parser.add_argument('--peak_tflops', type=float, help='peak of one device, for MFU')
-  parser.add_argument('--attention_impl', choices=('xla', 'jax', 'cudnn'),
+  parser.add_argument('--attention_impl', choices=('auto', 'xla', 'jax', 'cudnn', 'pallas'),
                       help='override the U-Net config\'s attention kernel')
   args = parser.parse_args()
   threads = common.set_threads(args.threads)

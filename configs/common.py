@@ -50,7 +50,7 @@ def model(preset):
       'preset': preset,
       'dtype': 'float32',  # compute dtype; 'bfloat16' on accelerators
       'param_dtype': 'float32',  # storage dtype (master weights)
-      'attention_impl': 'xla',  # 'xla', 'jax' or 'cudnn' (flash attention on GPU)
+      'attention_impl': 'auto',  # flash attention on GPU (cuDNN) and TPU (Pallas), else 'xla'
       'remat': 'none',  # 'none', 'full' or 'save_dots': what each block keeps for the backward
       'unet': {}, 'vae': {}, 'text_encoder': {},
   })

@@ -1,4 +1,5 @@
-"""The networks without a reference: preset sizes, configs, dtypes, remat and attention kernels."""
+"""The networks without a reference: preset sizes, configs, dtypes, remat and attention impls
+(the kernels themselves: test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,6 @@ import numpy as np
 import pytest
 
 from ldm_jax.models import build
-from ldm_jax.models import layers
 from ldm_jax.models import text_encoder
 from ldm_jax.models import unet
 from ldm_jax.models import vae
@@ -134,17 +134,6 @@ def test_attention_implementations_agree():
                              rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='attention_impl'):
     unet.UNetConfig.tiny(attention_impl='flash')
-
-
-def test_query_chunked_attention_matches_one_einsum(monkeypatch):
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, n, 2, 8), np.float32)) for n in (60, 64, 64))
-  loss = lambda q, k, v: jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v)))
-  whole = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  monkeypatch.setattr(layers, 'CPU_QUERY_CHUNK_LOGITS', 16 * 64)  # 16 rows of 64 keys per chunk
-  assert layers._query_chunk(60, 64) == 15  # pylint: disable=protected-access
-  chunked = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), whole, chunked)
 
 
 def test_text_encoder_rejects_too_long_input():

@@ -12,78 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import attention
+
 Dtype = Any
-
-ATTENTION_IMPLS = ('xla', 'jax', 'cudnn')
-
-
-def dot_product_attention(q, k, v, *, impl='xla', mask=None, upcast=True):
-  """Scaled dot-product attention, the one place all three networks attend.
-
-  Args:
-    q: (B, Lq, H, D) queries.
-    k: (B, Lk, H, D) keys.
-    v: (B, Lk, H, D) values.
-    impl: 'xla' (einsum + float32 softmax, any backend), 'jax' (`jax.nn.dot_product_attention`,
-      which lets JAX pick the kernel) or 'cudnn' (`jax.nn.dot_product_attention` forced to cuDNN
-      flash attention; GPU, bf16/fp16 only).
-    mask: optional boolean mask broadcastable to (B, H, Lq, Lk); True keeps a position.
-    upcast: compute the logits in float32 (diffusers' `upcast_attention`); the softmax is float32
-      whatever this says.
-
-  Returns:
-    (B, Lq, H, D) in q's dtype.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  if impl in ('jax', 'cudnn'):
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, implementation=None if impl == 'jax' else 'cudnn')
-  if impl != 'xla':
-    raise ValueError(f'attention impl {impl!r} is not one of {ATTENTION_IMPLS}')
-  # Scaling q before the product (rather than the logits after) is what PyTorch SDPA does.
-  q = q * jnp.asarray(scale, q.dtype)
-  logits_dtype = jnp.float32 if upcast else q.dtype
-  chunk = _query_chunk(q.shape[1], k.shape[1]) if mask is None else q.shape[1]
-  if chunk == q.shape[1]:
-    return _xla_attention(q, k, v, mask, logits_dtype)
-  # (n, B, chunk, H, D): one loop iteration per chunk of query rows (see _query_chunk).
-  chunks = jnp.moveaxis(q.reshape((q.shape[0], -1, chunk) + q.shape[2:]), 1, 0)
-  # Rematerialised: the backward pass recomputes each chunk's logits rather than reading back
-  # all of them from memory (flash attention's trade), 20% faster on CPU (bench/NOTES.md).
-  attend = jax.checkpoint(lambda qc: _xla_attention(qc, k, v, None, logits_dtype))
-  out = jax.lax.map(attend, chunks)
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + v.shape[3:])
-
-
-# On CPU, attention over many keys is memory-bound: (B, H, Lq, Lk) float32 logits (64 MiB for
-# a 32x32 latent at batch 2) go through memory several times. Looping over chunks of query rows
-# keeps each chunk's logits near the caches; 64K logits per (example, head) measured fastest
-# (bench/NOTES.md). Accelerators keep the single einsum (their memory is fast, loops are not).
-CPU_QUERY_CHUNK_LOGITS = 1 << 16
-
-
-def _query_chunk(lq, lk):
-  """Query rows per chunk: all of them, or on CPU the largest divisor of lq within the budget."""
-  if jax.default_backend() != 'cpu' or lq * lk <= CPU_QUERY_CHUNK_LOGITS:
-    return lq
-  chunk = max(CPU_QUERY_CHUNK_LOGITS // lk, 1)
-  while lq % chunk:
-    chunk -= 1
-  return chunk
-
-
-def _xla_attention(q, k, v, mask, logits_dtype):
-  """Einsum attention of pre-scaled q; normalises after the value product (Lq x D, not Lq x Lk)."""
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=logits_dtype)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  # Softmax in float32: bf16 softmax over 4096 keys loses most of its mass to rounding.
-  logits = logits.astype(jnp.float32)
-  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  out = jnp.einsum('bhqk,bkhd->bhqd', unnormalised.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  out = out / unnormalised.sum(axis=-1, keepdims=True)
-  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -269,7 +200,7 @@ class Attention(nn.Module):
     q = split(dense(inner, self.bias, name='to_q', **kw)(x))
     k = split(dense(inner, self.bias, name='to_k', **kw)(context))
     v = split(dense(inner, self.bias, name='to_v', **kw)(context))
-    out = dot_product_attention(q, k, v, impl=self.impl, upcast=self.upcast)
+    out = attention.dot_product_attention(q, k, v, impl=self.impl, upcast=self.upcast)
     out = out.reshape(out.shape[:2] + (inner,))
     return dense(self.out_dim, name='to_out_0', **kw)(out)
 

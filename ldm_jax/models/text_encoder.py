@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldm_jax.models import attention
 from ldm_jax.models import config_io
 from ldm_jax.models import layers
 
@@ -105,7 +106,7 @@ class CLIPAttention(nn.Module):
     split = lambda t: t.reshape(t.shape[:2] + (heads, d))
     q, k, v = (split(layers.dense(c.hidden_size, name=n, **kw)(x))
                for n in ('q_proj', 'k_proj', 'v_proj'))
-    out = layers.dot_product_attention(q, k, v, impl=c.attention_impl, mask=mask)
+    out = attention.dot_product_attention(q, k, v, impl=c.attention_impl, mask=mask)
     return layers.dense(c.hidden_size, name='out_proj', **kw)(out.reshape(x.shape))
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldm_jax.models import attention
 from ldm_jax.models import config_io
 from ldm_jax.models import layers
 
@@ -62,7 +63,7 @@ class UNetConfig:
   # Runtime options (not in config.json).
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
-  attention_impl: str = 'xla'  # see layers.dot_product_attention
+  attention_impl: str = 'xla'  # see attention.dot_product_attention
   remat: Any = 'none'  # per ResNet and Transformer2D block: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):
@@ -81,9 +82,9 @@ class UNetConfig:
       if c % heads or c % self.norm_num_groups:
         raise ValueError(f'block width {c} must be divisible by its {heads} attention heads and '
                          f'by norm_num_groups={self.norm_num_groups}')
-    if self.attention_impl not in layers.ATTENTION_IMPLS:
+    if self.attention_impl not in attention.IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r} is not one of '
-                       f'{layers.ATTENTION_IMPLS}')
+                       f'{attention.IMPLS}')
 
   @classmethod
   def sd15(cls, **kw):

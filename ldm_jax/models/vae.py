@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import attention
 from ldm_jax.models import config_io
 from ldm_jax.models import layers
 
@@ -106,7 +107,7 @@ class AttentionBlock(nn.Module):
     y = layers.GroupNorm(c.norm_num_groups, _EPS, c.param_dtype, name='group_norm')(x)
     y = y.reshape(b, h * w, 1, ch)  # (B, HW, heads=1, C)
     q, k, v = (layers.dense(ch, name=n, **kw)(y) for n in ('to_q', 'to_k', 'to_v'))
-    y = layers.dot_product_attention(q, k, v, impl=c.attention_impl).reshape(b, h * w, ch)
+    y = attention.dot_product_attention(q, k, v, impl=c.attention_impl).reshape(b, h * w, ch)
     y = layers.dense(ch, name='to_out_0', **kw)(y)
     return x + y.reshape(b, h, w, ch)
 

@@ -19,6 +19,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion import schedules
+from ldm_jax.models import attention
 from ldm_jax.models import build
 from ldm_jax.models import layers
 from ldm_jax.train import stages
@@ -161,7 +162,7 @@ def _number_problems(config):
 
 def _choice_problems(config):
   """Names that must be one of a known set (each listed with the valid ones)."""
-  choices = [('model.preset', build.PRESETS), ('model.attention_impl', layers.ATTENTION_IMPLS),
+  choices = [('model.preset', build.PRESETS), ('model.attention_impl', attention.IMPLS),
              ('optim.name', ('adamw',)), ('optim.schedule', ('constant', 'cosine')),
              ('diffusion.beta_schedule', schedules.BETA_SCHEDULES),
              ('diffusion.prediction_type', schedules.PREDICTION_TYPES),

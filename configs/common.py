@@ -104,6 +104,9 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
       'batch_size': batch_size, 'seed': 0, 'num_epochs': None, 'shuffle': True,
       'worker_count': 0, 'min_image_size': 0, 'skip_empty_captions': False, 'max_length': 77,
       'precomputed': False,
+      'prefetch': 2,  # batches made and placed on the devices ahead of the step (0: none)
+      # grain's reading threads (None: 16 for images, 0 for precomputed records)
+      'read_threads': ml_collections.config_dict.placeholder(int),
   })
   c.optim = ml_collections.ConfigDict({
       'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 500, 'schedule': 'constant',
@@ -133,6 +136,9 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   c.sample_every = 1000  # 0: no previews
   c.keep_checkpoints = 3
   c.seed = 0
+  # JAX's persistent compilation cache: a restarted run loads its compiled step from here.
+  # 'auto': $JAX_COMPILATION_CACHE_DIR if set, else <user cache dir>/ldm_jax/jax; '': off.
+  c.compilation_cache_dir = 'auto'
   return c
 
 

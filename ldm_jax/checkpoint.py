@@ -237,10 +237,28 @@ def _handlers(state_handler):
           'config': ocp.JsonCheckpointHandler(), 'checksums': _PerProcessJsonHandler()}
 
 
+# Orbax writes each replicated array as slices, one per replica ("replica-parallel"), with one
+# eager slicing op per leaf and device: for a small model on 2 CPU devices 1 s of every save's
+# blocking part, 11% of the shapes demo's loop (bench/NOTES.md, "The training loop"). Only
+# arrays whose slices are this large are split; smaller ones are written whole by replica 0.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 16 << 20
+
+
+def _use_array_handler():
+  """Registers orbax's jax.Array handler with REPLICA_PARALLEL_MIN_SLICE_BYTES (once)."""
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(handler, '_min_slice_bytes_for_replica_parallel', None) != (
+      REPLICA_PARALLEL_MIN_SLICE_BYTES):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
+
 class Checkpointer:
   """A CheckpointManager over `<workdir>/checkpoints` (async saves, keep the newest N), verified."""
 
   def __init__(self, workdir, keep=3, async_save=True, directory=None):
+    _use_array_handler()
     self.directory = os.path.abspath(directory or os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save)

@@ -4,6 +4,7 @@ import glob
 import io
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.tokenizer import build as tokenizer_build
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
+from ldm_jax.data import prefetch
 from ldm_jax.data import shapes
 from ldm_jax.data import sources
 from ldm_jax.evaluation import shapes as shapes_eval
@@ -79,6 +81,52 @@ def test_loader_resumes_exactly(shapes_dir, tok):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
   assert resumed.stats == uninterrupted.stats
+
+
+def test_prefetched_batches_resume_from_the_consumed_position(shapes_dir, tok):
+  """The input thread runs ahead, but each batch carries the position after itself: resuming
+  from the 25th batch's position (what a checkpoint of a state that consumed it saves) reads on
+  exactly as the uninterrupted loader does, not from where the thread had got to."""
+  data_dir, name = shapes_dir
+  config = _config(name, data_dir, crop='random', flip=True, caption_dropout=0.2, seed=3)
+  uninterrupted = pipeline.Loader(config, tok)
+  expected = [next(uninterrupted) for _ in range(40)]
+  placed = []
+  with prefetch.Prefetcher(pipeline.Loader(config, tok), lambda b: placed.append(1) or 'on device',
+                           depth=2) as feed:
+    got = [next(feed) for _ in range(25)]
+    deadline = time.time() + 30
+    while feed.made < 27 and time.time() < deadline:  # two batches made ahead of the 25th
+      time.sleep(0.01)
+    assert feed.made >= 27 and len(placed) == feed.made
+  for want, batch in zip(expected, got):
+    assert batch.placed == 'on device'
+    np.testing.assert_array_equal(batch.host['input_ids'], want['input_ids'])
+  position = json.loads(json.dumps(got[-1].position))  # as a checkpoint stores it
+  assert position['stats']['ok'] == 25 * 4  # the consumed batches' records, not the made ones
+  resumed = pipeline.Loader(config, tok)
+  resumed.set_state(position)
+  for want in expected[25:]:
+    batch = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_prefetch_passes_the_end_and_errors_through(shapes_dir, tok):
+  data_dir, name = shapes_dir
+  loader = pipeline.Loader(_config(name, data_dir, batch_size=120, num_epochs=1), tok)
+  with prefetch.Prefetcher(loader, lambda b: b, depth=2) as feed:
+    assert len([next(feed), next(feed)]) == 2  # 240 records
+    for _ in range(2):  # the end, every time it is asked
+      with pytest.raises(StopIteration):
+        next(feed)
+
+  def place(batch):
+    raise ValueError('no room on the device')
+
+  with prefetch.Prefetcher(pipeline.Loader(_config(name, data_dir), tok), place) as feed:
+    with pytest.raises(ValueError, match='no room on the device'):
+      next(feed)
 
 
 def test_epochs_reshuffle_and_flip(shapes_dir, tok):

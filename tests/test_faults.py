@@ -284,7 +284,9 @@ def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
 
 
 # kill -9 at random instants, a save that fails, a corrupt newest step: the run ends bit for bit
-# where an uninterrupted one does, and its metrics.jsonl holds each step once.
+# where an uninterrupted one does, and its metrics.jsonl holds each step once. The input runs
+# ahead of the step (3 batches made and placed in a thread): the checkpoints must hold the data
+# position of the batch each saved state consumed, not of the ones made ahead.
 
 _STEPS = 16
 
@@ -295,7 +297,7 @@ def _train_cmd(data_dir, workdir):
           f'--config.data.data_dir={data_dir}', '--config.allow_random_vae=True',
           f'--config.num_steps={_STEPS}',
           '--config.ckpt_every=2', '--config.log_every=1', '--config.sample_every=0',
-          '--config.keep_checkpoints=3']
+          '--config.keep_checkpoints=3', '--config.data.prefetch=3']
 
 
 def _start(cmd, **kwargs):
@@ -372,6 +374,7 @@ def test_kill_9_a_failed_save_and_a_corrupt_step_resume_bit_for_bit(tmp_path):
   # (the array file may be compressed: the flipped bits can decode to NaN instead)
   assert re.search(rf'checkpoint step {newest} of \S+ cannot be used: (corrupt|NaN/inf)', out), out
   assert os.listdir(f'{workdir}/{checkpoint.SET_ASIDE}') == [str(newest)]
+  assert 'loaded from the compilation cache' in out, out  # restarts do not compile the step again
 
   ref_out = straight.communicate(timeout=300)[0]
   assert straight.returncode == 0, ref_out[-3000:]

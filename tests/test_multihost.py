@@ -35,6 +35,7 @@ _REFERENCE = textwrap.dedent('''
     class TwoHosts:
       def __init__(self, config, tokenizer=None, **kwargs):
         self.hosts = [Loader(config, tokenizer, i, 2, **kwargs) for i in range(2)]
+        self.config = config
 
       def __next__(self):
         parts = [next(h) for h in self.hosts]
@@ -53,8 +54,9 @@ _REFERENCE = textwrap.dedent('''
 ''')
 
 
-# Process 1 dies as if its host were lost (SIGKILL) when it takes the batch of step 4, once the
-# step-2 checkpoint is written: process 0 is then in step 4's collectives, waiting for it.
+# Process 1 dies as if its host were lost (SIGKILL) when its input thread takes the batch of step
+# 4, once the step-2 checkpoint is written: process 0 is then in step 3's or 4's collectives,
+# waiting for it.
 _DIES_AT_STEP_4 = textwrap.dedent('''
     import os, runpy, signal, sys, time
     from ldm_jax.data import pipeline

@@ -3,6 +3,7 @@ and kill -9: test_faults.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -183,17 +184,37 @@ def test_train_main_each_stage_then_sample_from_the_workdir(data_dir, tmp_path):
     assert _params(str(tmp_path / stage))[0] == 4
   assert os.path.isfile(tmp_path / 'vae' / 'export' / 'vae' / 'config.json')
   assert os.listdir(tmp_path / 'vae' / 'samples')  # the reconstruction grid
-  _run('train.py', '--config', f'{config}:ldm,runlocal', '--workdir', str(tmp_path / 'ldm'),
-       f'--config.vae_workdir={tmp_path / "vae"}', *common)
+  out = _run('train.py', '--config', f'{config}:ldm,runlocal', '--workdir',
+             str(tmp_path / 'ldm'), f'--config.vae_workdir={tmp_path / "vae"}', *common)
+  assert re.search(r'compiled the step in [\d.]+ s \((loaded from|compiled and written to) the '
+                   'compilation cache', out), out[-3000:]
+  assert re.search(r'training loop, per step [\d.]+ ms over 3 steps: waiting for the device', out)
   metrics = [json.loads(l) for l in open(tmp_path / 'ldm' / 'metrics.jsonl')]
   assert [m['step'] for m in metrics] == [1, 2, 3, 4]
-  assert {'loss', 'grad_norm', 'param_norm', 'update_norm', 'learning_rate', 'data'} <= set(metrics[-1])
-  assert metrics[-1]['data']['ok'] == 32  # 4 steps of 8
+  assert {'loss', 'grad_norm', 'param_norm', 'update_norm', 'learning_rate', 'data',
+          'host_ms'} <= set(metrics[-1])
+  assert {'data', 'dispatch', 'device', 'wall'} <= set(metrics[-1]['host_ms'])
+  # The consumed batches' records (4 steps of 8), not those the input thread made ahead.
+  assert metrics[-1]['data']['ok'] == 32
   assert os.path.isfile(tmp_path / 'ldm' / 'export' / 'model_index.json')
   _run('sample.py', '--workdir', str(tmp_path / 'ldm'), '--prompt', 'a red circle',
        '--num_images', '2', '--batch_size', '2', '--steps', '2', '--out', str(tmp_path / 'out'))
   assert os.path.isfile(tmp_path / 'out' / 'grid.png')
   assert len(open(tmp_path / 'out' / 'samples.jsonl').readlines()) == 2
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+  before = jax.config.jax_compilation_cache_dir  # conftest's, from $JAX_COMPILATION_CACHE_DIR
+  try:
+    assert step_lib.use_compilation_cache('auto') == before
+    jax.config.update('jax_compilation_cache_dir', None)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    assert step_lib.use_compilation_cache('auto') == str(tmp_path / 'ldm_jax' / 'jax')
+    assert os.path.isdir(tmp_path / 'ldm_jax' / 'jax')
+    assert step_lib.use_compilation_cache('') == '' and not jax.config.jax_compilation_cache_dir
+  finally:
+    step_lib.use_compilation_cache(before)
+  assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_unknown_config_key_lists_the_valid_ones(tmp_path):

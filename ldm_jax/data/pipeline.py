@@ -46,6 +46,8 @@ class LoaderConfig:
   num_epochs: int | None = None  # None: repeat forever
   shuffle: bool = True
   worker_count: int = 0  # grain worker processes (0: decode in the main process)
+  prefetch: int = 2  # batches made and placed on the devices ahead of the step (data.prefetch)
+  read_threads: int | None = None  # grain's reading threads; None: see Loader
   min_image_size: int = 0  # skip images whose shorter side is smaller (0: upsample them)
   skip_empty_captions: bool = False  # else they train the unconditional model
   max_length: int = 77  # tokens, the text encoder's context
@@ -105,6 +107,11 @@ def _value_problems(v):
        'None (repeat forever) or an integer >= 1'),
       ('worker_count', is_int(v['worker_count']) and v['worker_count'] >= 0,
        'an integer >= 0 (0: decode in the main process)'),
+      ('read_threads', v['read_threads'] is None or (is_int(v['read_threads'])
+                                                     and v['read_threads'] >= 0),
+       'None (16 for images, 0 for precomputed records) or an integer >= 0'),
+      ('prefetch', is_int(v['prefetch']) and v['prefetch'] >= 0,
+       'an integer >= 0 (batches made ahead of the step in a thread; 0: none)'),
       ('min_image_size', is_int(v['min_image_size']) and v['min_image_size'] >= 0,
        'an integer >= 0 (0: keep every size)'),
       ('max_length', is_int(v['max_length']) and v['max_length'] >= 2,
@@ -260,7 +267,7 @@ class Loader:
     if config.shuffle:
       ds = ds.shuffle()  # reshuffled each epoch by repeat()
     ds = ds.repeat(config.num_epochs).random_map(ProcessRecord(config, tokenizer, keep_captions))
-    it = ds.to_iter_dataset()
+    it = ds.to_iter_dataset(_read_options(config, config.batch_size // count))
     if config.worker_count > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
         flags.FLAGS.mark_as_parsed()
@@ -291,6 +298,19 @@ class Loader:
   def set_state(self, state):
     self._iterator.set_state(state['grain'])
     self._counter.stats = _Counter.empty() | dict(state['stats'])  # older states lack some keys
+
+
+def _read_options(config, batch_size):
+  """grain's reading threads and buffer: threads decode images in parallel (Pillow releases the
+  GIL); a precomputed record is only read and copied, and a thread pool's bookkeeping would cost 3x
+  the reading itself. The buffer holds two batches: grain's default of 500 records costs 2x the
+  work of small records in bookkeeping (bench/NOTES.md, "The training loop"), and the loop's input
+  thread already runs ahead of the step."""
+  threads = config.read_threads
+  if threads is None:
+    threads = 0 if config.precomputed else 16
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(2 * batch_size, threads) if threads else 0)
 
 
 def _to_json(state):

@@ -17,6 +17,8 @@ from ldm_jax import distributed
 from ldm_jax import sharding
 from ldm_jax import weights
 from ldm_jax.data import pipeline
+from ldm_jax.data import prefetch
+from ldm_jax.train import clock as clock_lib
 from ldm_jax.train import export
 from ldm_jax.train import logger as logger_lib
 from ldm_jax.train import preflight
@@ -47,6 +49,8 @@ class Run:
   state: dict  # placed on the mesh: restored, pretrained or random
   ckpt: checkpoint.Checkpointer
   rng: jax.Array
+  compiled: Any = None  # `update` compiled for the state and batch shapes (by the first step)
+  clock: clock_lib.Clock = dataclasses.field(default_factory=clock_lib.Clock)
 
 
 def train(config, workdir):
@@ -65,6 +69,7 @@ def setup(config, workdir):
   except ValueError as e:  # a bad distributed group
     raise preflight.ConfigError([str(e)]) from e
   preflight.check(config, workdir)  # every user error, before anything is written
+  step_lib.use_compilation_cache(config.get('compilation_cache_dir', 'auto'))  # before compiles
   os.makedirs(workdir, exist_ok=True)
   rng = jax.random.key(config.seed)
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
@@ -95,57 +100,84 @@ def run(r):
   c = r.config
   done = int(r.state['step'])
   log = logger_lib.Logger(r.workdir, c.num_steps, enabled=distributed.is_main(), start_step=done)
-  reader = _MetricsReader(log, r.loader, c, r.workdir, r.ckpt.latest_step())
+  reader = _MetricsReader(log, c, r.workdir, r.ckpt.latest_step(), r.clock)
   previewer = export.Previewer(r.stage, r.workdir, r.mesh)
-  config_dict = json.loads(c.to_json_best_effort())
-  # XLA:CPU's all-reduce can deadlock with several steps in flight: block there (only there).
-  block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1
-  state, compiled = r.state, None
+  feed = prefetch.Prefetcher(r.loader, lambda b: sharding.put_batch(b, r.mesh),
+                             r.loader.config.prefetch)
+  state = r.state
   try:
     with _Stop() as stop:
       for step in range(done, c.num_steps):
-        host_batch = next(r.loader)
-        previewer.remember(host_batch)
-        batch = sharding.put_batch(host_batch, r.mesh)
-        if compiled is None:  # before the first step: a step that cannot fit fails here
-          compiled, _ = step_lib.compile_ahead(r.update, state, r.frozen, batch, r.rng)
-          distributed.barrier('ldm_jax_step_compiled')
-        state, metrics = compiled(state, r.frozen, batch, r.rng)
-        if block_each_step:
-          jax.block_until_ready(metrics)
+        with r.clock.phase('data'):
+          batch = next(feed)
+        previewer.remember(batch.host)
+        state, metrics = _step(r, state, batch)
         done = step + 1
-        reader.push(done, metrics)
-        r.ckpt.check()  # a failed background save stops the run now, not at the next save
+        r.clock.steps += r.clock.started  # the steps the loop's own time is counted over
+        reader.push(done, metrics, batch.position['stats'])
+        with r.clock.phase('checkpoint'):
+          r.ckpt.check()  # a failed background save stops the run now, not at the next save
         last = done == c.num_steps or stop.requested
         if done % c.ckpt_every == 0 or last:
           reader.flush()  # a non-finite step stops here, before its state is saved
-          try:
-            r.ckpt.save(done, state, r.loader.get_state(), config_dict)
-          except checkpoint.NonFiniteStateError as e:
-            raise NonFiniteError(f'{e}. {reader.last_good()}') from e
-          reader.good_step = done
+          with r.clock.phase('checkpoint'):
+            _save(r, reader, done, state, batch.position)
         if c.sample_every and (done % c.sample_every == 0 or last):
-          previewer.preview(state['ema_params'], r.frozen, done)
+          with r.clock.phase('preview'):
+            previewer.preview(state['ema_params'], r.frozen, done)
+        if not r.clock.started:  # the first step compiled: the loop's own time starts now
+          r.clock.start(done)
         if stop.requested:
           break
       reader.flush()
+      r.clock.stop()
       r.ckpt.wait()  # the last save is complete (or its failure raised) before the export
   finally:  # an in-flight async save completes even when the run stops on an error
+    feed.close()  # the loader is free again (the vae export reads a few batches)
     r.ckpt.close()
     log.close()
+  r.clock.input_ms = {'load': 1e3 * feed.load_s / max(feed.made, 1),
+                      'place': 1e3 * feed.place_s / max(feed.made, 1)}
+  logging.info('training loop, %s; the input thread spent %.1f ms loading and %.1f ms placing '
+               'each batch', r.clock.summary(), r.clock.input_ms['load'],
+               r.clock.input_ms['place'])
   if done == c.num_steps:
     export.export(r.stage, state, r.frozen, r.workdir, r.loader)
   return int(state['step'])
+
+
+def _step(r, state, batch):
+  """One update on `batch` (compiling the step first if it is not yet); (state, metrics)."""
+  if r.compiled is None:  # before the first step: a step that cannot fit fails here
+    r.compiled, _ = step_lib.compile_ahead(r.update, state, r.frozen, batch.placed, r.rng)
+    distributed.barrier('ldm_jax_step_compiled')
+  with r.clock.phase('dispatch'):
+    state, metrics = r.compiled(state, r.frozen, batch.placed, r.rng)
+  # XLA:CPU's all-reduce can deadlock with several steps in flight: block there (only there).
+  if jax.default_backend() == 'cpu' and jax.device_count() > 1:
+    with r.clock.phase('device'):
+      jax.block_until_ready(metrics)
+  return state, metrics
+
+
+def _save(r, reader, step, state, position):
+  """Checkpoints `state` (its metrics read: finite) with the data position of the last batch it
+  consumed (not of the batches made ahead)."""
+  try:
+    r.ckpt.save(step, state, position, json.loads(r.config.to_json_best_effort()))
+  except checkpoint.NonFiniteStateError as e:
+    raise NonFiniteError(f'{e}. {reader.last_good()}') from e
+  reader.good_step = step
 
 
 class _MetricsReader:
   """Reads each step's metrics one step late, so that logging never stalls the device; stops the
   run at a non-finite loss, gradient or weight norm, naming the last good checkpoint."""
 
-  def __init__(self, log, loader, config, workdir, good_step):
-    self.log, self.loader, self.config, self.workdir = log, loader, config, workdir
+  def __init__(self, log, config, workdir, good_step, clock):
+    self.log, self.config, self.workdir, self.clock = log, config, workdir, clock
     self.good_step = good_step  # the newest checkpoint saved from finite metrics
-    self._pending = None  # (step, metrics on the device) not yet read
+    self._pending = None  # (step, metrics on the device, data stats) not yet read
 
   def last_good(self):
     """Where a rerun restarts, and what to change."""
@@ -157,17 +189,18 @@ class _MetricsReader:
                f'{os.path.join(self.workdir, "checkpoints")} (resuming restarts there)')
     return f'{where}; lower optim.lr, check the data, or train in float32'
 
-  def push(self, step, metrics):
+  def push(self, step, metrics, data_stats):
     """Reads the previous step's metrics (done by now) and keeps these for the next call."""
     self.flush()
-    self._pending = (step, metrics)
+    self._pending = (step, metrics, data_stats)
 
   def flush(self):
     """Reads the pending step's metrics now."""
     if self._pending is None:
       return
-    (step, metrics), self._pending = self._pending, None
-    values = jax.device_get(metrics)
+    (step, metrics, data_stats), self._pending = self._pending, None
+    with self.clock.phase('device'):
+      values = jax.device_get(metrics)
     bad = [k for k in _MUST_BE_FINITE if k in values and not np.isfinite(values[k])]
     if bad:
       what = (f'loss is {float(values["loss"])}' if 'loss' in bad else
@@ -176,7 +209,10 @@ class _MetricsReader:
               + ' (the gradients or the updated weights are not finite)')
       raise NonFiniteError(f'{what} at step {step}: stopped. {self.last_good()}')
     if step % self.config.log_every == 0 or step == self.config.num_steps:
-      self.log.log(step, values, self.config.data.batch_size, extra={'data': self.loader.stats})
+      with self.clock.phase('log'):
+        host = {k: round(v, 2) for k, v in self.clock.window(step).items()}
+        self.log.log(step, values, self.config.data.batch_size,
+                     extra={'data': data_stats, 'host_ms': host})
 
 
 def _restore_or_init(config, stage, tx, abstract, ckpt, loader, rng):

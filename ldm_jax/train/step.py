@@ -7,6 +7,9 @@ two accumulated micro-steps of b.
 """
 
 import logging
+import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +113,14 @@ def compile_ahead(jitted, *args, compiler_options=None):
   Raises:
     OutOfMemoryError: the device reports its memory and the step needs more.
   """
+  start, hits = time.perf_counter(), _CACHE_HITS.count
   compiled = jitted.lower(*args).compile(compiler_options)
+  seconds = time.perf_counter() - start
+  cache = jax.config.jax_compilation_cache_dir
+  logging.info('compiled the step in %.1f s (%s)', seconds,
+               'no persistent compilation cache' if not cache else
+               f'loaded from the compilation cache {cache}' if _CACHE_HITS.count > hits else
+               f'compiled and written to the compilation cache {cache}')
   memory = memory_needs(compiled)
   limit = device_memory_limit()
   logging.info('compiled step, per device: %s; the device has %s',
@@ -140,3 +150,48 @@ def device_memory_limit():
   """The first local device's memory in bytes, or None where the backend does not say (CPU)."""
   stats = jax.local_devices()[0].memory_stats()
   return stats.get('bytes_limit') if stats else None
+
+
+class _HitCounter:
+  """Counts JAX's persistent compilation cache hits (a monitoring event), for the compile log."""
+
+  def __init__(self):
+    self.count = 0
+    self._lock = threading.Lock()
+    jax.monitoring.register_event_listener(self._event)
+
+  def _event(self, event, **kwargs):
+    del kwargs
+    if event == '/jax/compilation_cache/cache_hits':
+      with self._lock:
+        self.count += 1
+
+
+_CACHE_HITS = _HitCounter()
+
+
+def use_compilation_cache(setting):
+  """Points JAX's persistent compilation cache at `setting` (the config's
+  `compilation_cache_dir`); call before the first compilation. Returns the directory or ''.
+
+  'auto': $JAX_COMPILATION_CACHE_DIR when set (JAX has read it), else `ldm_jax/jax` under the
+  user's cache directory ($XDG_CACHE_HOME, or ~/.cache); '' turns the cache off. Only
+  compilations of 1 s or more are kept (JAX's default), so the cache holds steps, not small ops.
+  """
+  if setting == 'auto':
+    setting = jax.config.jax_compilation_cache_dir or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
+        'ldm_jax', 'jax')
+  if setting:
+    setting = os.path.abspath(os.path.expanduser(setting))
+    try:
+      os.makedirs(setting, exist_ok=True)
+    except OSError as e:
+      logging.warning('no persistent compilation cache: cannot create %s (%s); set '
+                      'compilation_cache_dir to a writable folder', setting, e.strerror or e)
+      setting = ''
+  if setting != (jax.config.jax_compilation_cache_dir or ''):
+    jax.config.update('jax_compilation_cache_dir', setting or None)
+    from jax.experimental import compilation_cache  # pylint: disable=g-import-not-at-top
+    compilation_cache.compilation_cache.reset_cache()  # re-read the setting at the next compile
+  return setting

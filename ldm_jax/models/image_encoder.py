@@ -26,7 +26,7 @@ class ImageEncoderConfig:
   # Runtime options.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'  # see attention.dot_product_attention
   remat: Any = 'none'  # per encoder layer: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):

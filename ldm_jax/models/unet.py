@@ -63,7 +63,7 @@ class UNetConfig:
   # Runtime options (not in config.json).
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
-  attention_impl: str = 'xla'  # see attention.dot_product_attention
+  attention_impl: str = 'auto'  # see attention.dot_product_attention
   remat: Any = 'none'  # per ResNet and Transformer2D block: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):

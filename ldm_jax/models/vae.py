@@ -39,7 +39,7 @@ class VAEConfig:
   # Runtime options (not in config.json).
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_impl: str = 'xla'
+  attention_impl: str = 'auto'  # see attention.dot_product_attention
   remat: Any = 'none'  # per ResNet block: layers.REMAT_POLICIES (or a bool)
 
   def __post_init__(self):

@@ -161,3 +161,16 @@ def finish(results, json_path):
     with open(json_path, 'w') as f:
       json.dump(results, f, indent=2)
   return results
+
+
+def xla_flops(stage):
+  """The FLOP count of XLA's cost analysis of a lowered or compiled computation, or None."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def markdown_table(headers, rows):
+  """A markdown table (a list of lines): `headers` and `rows` of cells, as strings."""
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + ' --- |' * len(headers)]
+  return lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]

@@ -30,7 +30,6 @@ import time
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)  # configs
-os.environ.setdefault('JAX_NUM_CPU_DEVICES', '2')  # the demo's mesh on a CPU; before JAX starts
 
 CONFIGS = ('shapes_ldm', 'shapes_ldm_online')
 
@@ -110,6 +109,7 @@ def main():
   parser.add_argument('--vae_workdir', default=os.path.join(_ROOT, 'runs', 'demo', 'vae'))
   parser.add_argument('--json', help='write the first config\'s results here')
   args = parser.parse_args()
+  os.environ.setdefault('JAX_NUM_CPU_DEVICES', '2')  # the demo's mesh on a CPU; before JAX starts
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity('info')
   import jax  # pylint: disable=g-import-not-at-top

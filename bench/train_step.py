@@ -84,26 +84,19 @@ class JaxSide:
     t0 = time.perf_counter()
     self.compiled = update.lower(*inputs).compile()
     self.compile_s = time.perf_counter() - t0
-    self.compiled_flops = _flops(self.compiled)
+    self.compiled_flops = common.xla_flops(self.compiled)
     # Model FLOPs for MFU: XLA counts a loop's body once, so the CPU's query-chunked attention
     # (a lax.map) would be undercounted; count the step traced without chunks, before XLA's
     # optimisations (no rematerialisation either, as MFU conventionally counts).
     budget, attention.CPU_QUERY_CHUNK_LOGITS = attention.CPU_QUERY_CHUNK_LOGITS, float('inf')
     try:
-      self.flops = _flops(jax.jit(lambda *a: update_fn(*a)).lower(*inputs))  # a fresh trace
+      self.flops = common.xla_flops(jax.jit(lambda *a: update_fn(*a)).lower(*inputs))  # a fresh trace
     finally:
       attention.CPU_QUERY_CHUNK_LOGITS = budget
 
   def step(self):
     self.state, metrics = self.compiled(self.state, {}, self.batch, self.rng)
     return float(metrics['loss'])  # blocks until the step is done
-
-
-def _flops(stage):
-  """The FLOP count of XLA's cost analysis of a lowered or compiled computation, or None."""
-  cost = stage.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops']) if cost and 'flops' in cost else None
 
 
 class TorchSide:

@@ -118,20 +118,75 @@ CPU_QUERY_CHUNK_LOGITS = 1 << 16
 
 
 def _xla_attention_chunked(q, k, v, mask, upcast):
-  """The 'xla' impl: one einsum attention, or on CPU a rematerialised loop over query chunks."""
+  """The 'xla' impl: one einsum attention, or on CPU a loop over query chunks."""
   # Scaling q before the product (rather than the logits after) is what PyTorch SDPA does.
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits_dtype = jnp.float32 if upcast else q.dtype
   chunk = _query_chunk(q.shape[1], k.shape[1]) if mask is None else q.shape[1]
   if chunk == q.shape[1]:
     return _xla_attention(q, k, v, mask, logits_dtype)
-  # (n, B, chunk, H, D): one loop iteration per chunk of query rows (see _query_chunk).
-  chunks = jnp.moveaxis(q.reshape((q.shape[0], -1, chunk) + q.shape[2:]), 1, 0)
-  # Rematerialised: the backward pass recomputes each chunk's logits rather than reading back
-  # all of them from memory (flash attention's trade), 20% faster on CPU (bench/NOTES.md).
-  attend = jax.checkpoint(lambda qc: _xla_attention(qc, k, v, None, logits_dtype))
-  out = jax.lax.map(attend, chunks)
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:3] + v.shape[3:])
+  return _chunked_attention(q, k, v, chunk, jnp.dtype(logits_dtype))
+
+
+def _to_chunks(t, chunk):  # (B, L, ...) -> (L/chunk, B, chunk, ...): one loop iteration per chunk
+  return jnp.moveaxis(t.reshape((t.shape[0], -1, chunk) + t.shape[2:]), 1, 0)
+
+
+def _from_chunks(t):  # (L/chunk, B, chunk, ...) -> (B, L, ...)
+  return jnp.moveaxis(t, 0, 1).reshape((t.shape[1], -1) + t.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_attention(q, k, v, chunk, logits_dtype):
+  """Attention of pre-scaled q in a loop over chunks of `chunk` query rows (see _query_chunk)."""
+  attend = lambda qc: _xla_attention(qc, k, v, None, logits_dtype)
+  return _from_chunks(jax.lax.map(attend, _to_chunks(q, chunk)))
+
+
+def _chunked_attention_fwd(q, k, v, chunk, logits_dtype):
+  attend = lambda qc: _xla_attention(qc, k, v, None, logits_dtype, with_lse=True)
+  out, lse = jax.lax.map(attend, _to_chunks(q, chunk))  # lse: (L/chunk, B, H, chunk)
+  out = _from_chunks(out)
+  return out, (q, k, v, out, lse)
+
+
+def _chunked_attention_bwd(chunk, logits_dtype, residuals, g):
+  """Flash attention's backward: per chunk, the probabilities from the saved log-sum-exp.
+
+  Recomputing each chunk's logits (rather than storing them) keeps them near the caches; the
+  saved log-sum-exp spares the max and sum passes, and the row sums of dP * P come from the
+  (Lq, D) output. The key and value gradients are products of the transposed (chunk, Lk)
+  dS and P: written as (D, chunk) x (chunk, Lk) products, whose (B, H, D, Lk) results are
+  accumulated and transposed once, so that XLA:CPU never transposes a (chunk, Lk) operand
+  (the autodiff orientation, (Lk, chunk) x (chunk, D), ran 4-7x slower).
+  """
+  q, k, v, out, lse = residuals
+  # (B, Lq, H): sum_k dP * P = sum_d dO * O, per query row.
+  delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  b, lk, h, d = k.shape
+
+  def step(carry, xs):
+    dk_t, dv_t = carry
+    qc, gc, lse_c, delta_c = xs
+    logits = jnp.einsum('bqhd,bkhd->bhqk', qc, k, preferred_element_type=logits_dtype)
+    p = jnp.exp(logits.astype(jnp.float32) - lse_c[..., None])  # (B, H, chunk, Lk)
+    dv_t = dv_t + jnp.einsum('bqhd,bhqk->bhdk', gc.astype(v.dtype), p.astype(v.dtype),
+                             preferred_element_type=jnp.float32)
+    dp = jnp.einsum('bqhd,bkhd->bhqk', gc.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    ds = p * (dp - jnp.swapaxes(delta_c, 1, 2)[..., None])
+    dq = jnp.einsum('bhqk,bkhd->bhqd', ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    dk_t = dk_t + jnp.einsum('bqhd,bhqk->bhdk', qc, ds.astype(q.dtype),
+                             preferred_element_type=jnp.float32)
+    return (dk_t, dv_t), jnp.swapaxes(dq, 1, 2).astype(q.dtype)
+
+  zeros = jnp.zeros((b, h, d, lk), jnp.float32)
+  xs = (_to_chunks(q, chunk), _to_chunks(g, chunk), lse, _to_chunks(delta, chunk))
+  (dk_t, dv_t), dq = jax.lax.scan(step, (zeros, zeros), xs)
+  to_keys = lambda t, like: jnp.transpose(t, (0, 3, 1, 2)).astype(like.dtype)  # -> (B, Lk, H, D)
+  return _from_chunks(dq), to_keys(dk_t, k), to_keys(dv_t, v)
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
 def _query_chunk(lq, lk):
@@ -144,18 +199,25 @@ def _query_chunk(lq, lk):
   return chunk
 
 
-def _xla_attention(q, k, v, mask, logits_dtype):
-  """Einsum attention of pre-scaled q; normalises after the value product (Lq x D, not Lq x Lk)."""
+def _xla_attention(q, k, v, mask, logits_dtype, with_lse=False):
+  """Einsum attention of pre-scaled q; normalises after the value product (Lq x D, not Lq x Lk).
+
+  With `with_lse`, also returns the logits' log-sum-exp, (B, H, Lq) float32.
+  """
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=logits_dtype)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   # Softmax in float32: bf16 softmax over 4096 keys loses most of its mass to rounding.
   logits = logits.astype(jnp.float32)
-  unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits - row_max)
   out = jnp.einsum('bhqk,bkhd->bhqd', unnormalised.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  out = out / unnormalised.sum(axis=-1, keepdims=True)
-  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+  total = unnormalised.sum(axis=-1, keepdims=True)
+  out = jnp.swapaxes(out / total, 1, 2).astype(v.dtype)
+  if with_lse:
+    return out, (row_max + jnp.log(total))[..., 0]
+  return out
 
 
 # ------------------------------------------------------------------------------------ Pallas (TPU)

@@ -97,7 +97,8 @@ def _value_problems(v):
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
   checks = [
       ('name', isinstance(v['name'], str) and bool(v['name']), 'a dataset name (shapes/..., '
-       'image_folder/<name>, precomputed/<name> or a tfds name)'),
+       'image_folder/<name>, precomputed/<name>, webdataset:<pattern>, parquet:<pattern> or a '
+       'tfds name)'),
       ('batch_size', is_int(v['batch_size']) and v['batch_size'] >= 1, 'an integer >= 1'),
       ('resolution', is_int(v['resolution']) and v['resolution'] >= 8, 'an integer >= 8'),
       ('crop', v['crop'] in _CROPS, f'one of {_CROPS}'),
@@ -260,7 +261,8 @@ class Loader:
       raise ValueError(f'global batch {config.batch_size} is not divisible by {count} hosts')
     if tokenizer is None and not config.precomputed:
       raise ValueError('a tokenizer is needed to tokenize captions')
-    source = sources.data_source(config.name, config.split, config.data_dir)
+    source = sources.data_source(config.name, config.split, config.data_dir,
+                                 image_key=config.image_key, caption_key=config.caption_key)
     ds = grain.MapDataset.source(source)[index::count]  # this host's records, disjoint
     self.num_records = len(ds)
     ds = ds.seed(config.seed)

@@ -5,6 +5,10 @@
     on demand when missing (one process) by `builders.build_shapes`.
   image_folder/<name>: `python -m ldm_jax.data build folder --src DIR` (name: DIR's name).
   precomputed/<name>: VAE encodings written by `ldm_jax.data.precompute`.
+  webdataset:<pattern>: tar shards read in place (`webdataset.py`), e.g.
+    webdataset:/data/laion/{00000..00127}.tar (brace ranges and lists, globs; relative patterns
+    are under data_dir).
+  parquet:<pattern>: parquet files of image bytes and captions read in place (`parquet.py`).
   anything else: a tfds dataset ('coco_captions', 'name/config') prepared in array_record format.
 """
 
@@ -16,35 +20,46 @@ import re
 from etils import epath
 import tensorflow_datasets as tfds
 
+from ldm_jax.data import shards
+from ldm_jax.data import webdataset
+
 SHAPES_NAME = re.compile(r'shapes/s(\d+)_n(\d+)_h(\d+)_seed(\d+)(?:_([a-z]+))?')
 SHAPES_FORMAT = ('shapes/s{size}_n{train}_h{holdout}_seed{seed}[_centered], e.g. '
                  'shapes/s32_n2000_h200_seed0_centered')
 _SCHEMES = (
     f'{SHAPES_FORMAT} (built on demand); image_folder/<name> (`python -m ldm_jax.data build '
     'folder --src DIR --data_dir DATA_DIR`, <name> being the folder\'s name); '
-    'precomputed/<name> (written by ldm_jax.data.precompute); or a tfds dataset prepared under '
-    'data_dir in array_record format')
+    'precomputed/<name> (written by ldm_jax.data.precompute); webdataset:<pattern> or '
+    'parquet:<pattern> (shards read in place, e.g. webdataset:/data/laion/{00000..00127}.tar); '
+    'or a tfds dataset prepared under data_dir in array_record format')
 
 
-def data_source(name, split, data_dir):
-  """The split of a prepared dataset as a random-access source (ArrayRecord, no TensorFlow).
+def data_source(name, split, data_dir, image_key='image', caption_key='caption'):
+  """The split of a dataset as a random-access source (ArrayRecord or shards; no TensorFlow).
 
   A missing shapes dataset is built first (it is synthetic and deterministic) when this is the
   only process; with several, the error gives the command that builds it.
 
   Args:
-    name: 'shapes/<config>' or 'image_folder/<config>' as the builders return it, or any tfds
-      name ('coco_captions', 'name/config') prepared under `data_dir` in array_record format.
-    split: a split name ('train', 'holdout', ...), or a tfds slice ('train[:90%]').
-    data_dir: the tfds data directory.
+    name: 'shapes/<config>' or 'image_folder/<config>' as the builders return it,
+      'webdataset:<pattern>' or 'parquet:<pattern>' (shards read in place), or any tfds name
+      ('coco_captions', 'name/config') prepared under `data_dir` in array_record format.
+    split: a split name ('train', 'holdout', ...), or a tfds slice ('train[:90%]'); shards
+      have one split, 'train' (every record of the shards).
+    data_dir: the tfds data directory; relative shard patterns are under it.
+    image_key: the record key of the image (the loader's `data.image_key`); a parquet source
+      reads the column of that name.
+    caption_key: the record key of the caption (`data.caption_key`), likewise.
 
   Returns:
     A sequence of records (dicts of numpy arrays / bytes).
 
   Raises:
     FileNotFoundError: the dataset is not there (the message says how to make it).
-    ValueError: the split does not exist.
+    ValueError: the split does not exist, or a shard is damaged or lacks the columns.
   """
+  if shards.split_name(name):
+    return _shard_source(name, split, data_dir, image_key, caption_key)
   version_dir = newest_version(name, data_dir)
   if version_dir is None and name.startswith('shapes/'):
     _build_shapes(name, data_dir)
@@ -64,14 +79,19 @@ def data_source(name, split, data_dir):
   return builder.as_data_source(split)
 
 
-def check_name(name, data_dir, process_count=1):
-  """What is wrong with `data.name` / `data.data_dir`, without reading any data.
+def check_name(name, data_dir, process_count=1, image_key='image', caption_key='caption'):
+  """What is wrong with `data.name` / `data.data_dir`, without reading any records.
+
+  Shards are matched (every file the pattern lists must exist); tar shards are checked for a
+  truncated end, and the first parquet file's footer for the columns.
 
   Args:
     name: the config's `data.name`.
     data_dir: the config's `data.data_dir`.
     process_count: processes of the run (a missing shapes dataset is built on demand only by a
       single process).
+    image_key: the config's `data.image_key` (the column a parquet source reads).
+    caption_key: the config's `data.caption_key`.
 
   Returns:
     None when the dataset is there (or is a shapes dataset that will be built on demand), else
@@ -79,6 +99,8 @@ def check_name(name, data_dir, process_count=1):
   """
   if not isinstance(name, str) or not name.strip('/'):
     return f'data.name is empty; it takes: {_SCHEMES}'
+  if shards.split_name(name):
+    return _shards_problem(name, data_dir, image_key, caption_key)
   if name.startswith('shapes/'):
     problem = _shapes_name_problem(name)
     if problem or process_count == 1 or newest_version(name, data_dir):
@@ -106,7 +128,11 @@ def newest_version(name, data_dir):
 
 def fingerprint(name, data_dir):
   """A digest of what the prepared dataset holds: its version folder's metadata, its source
-  record (folder builds) and its data files' names and sizes; 'unknown' when not found."""
+  record (folder builds) and its data files' names and sizes, or its shards' paths, sizes and
+  modification times; 'unknown' when not found."""
+  if shards.split_name(name):
+    paths, missing = shards.match(shards.split_name(name)[1], data_dir)
+    return 'unknown' if missing or not paths else shards.fingerprint(paths)
   version_dir = newest_version(name, data_dir)
   if version_dir is None:
     return 'unknown'
@@ -157,6 +183,35 @@ def _build_shapes(name, data_dir):
   logging.info('building %s in %s (synthetic and deterministic; it was not there)', name, data_dir)
   builders.build_shapes(data_dir, image_size=int(size), num_train=int(train),
                         num_holdout=int(holdout), seed=int(seed), layout=layout or 'scattered')
+
+
+def _shard_source(name, split, data_dir, image_key, caption_key):
+  """The webdataset or parquet source of a shard name (see `data_source`)."""
+  scheme, pattern = shards.split_name(name)
+  if split != 'train':
+    raise ValueError(f'dataset {name!r} has no split {split!r}: shards have one split, '
+                     "'train' (all their records); hold records out by naming other shards")
+  paths = shards.resolve(scheme, pattern, data_dir)
+  if scheme == 'webdataset':
+    return webdataset.Source(paths, image_key, caption_key)
+  from ldm_jax.data import parquet  # pylint: disable=g-import-not-at-top  (pyarrow: parquet only)
+  return parquet.Source(paths, image_key, caption_key)
+
+
+def _shards_problem(name, data_dir, image_key, caption_key):
+  """check_name for 'webdataset:' and 'parquet:' names: matches, tar ends, parquet columns."""
+  scheme, pattern = shards.split_name(name)
+  problem = shards.match_problem(scheme, pattern, data_dir)
+  if problem:
+    return problem
+  paths, _ = shards.match(pattern, data_dir)
+  if scheme == 'parquet':
+    from ldm_jax.data import parquet  # pylint: disable=g-import-not-at-top
+    return parquet.schema_problem(paths[0], image_key, caption_key)
+  problems = [p for p in map(webdataset.quick_problem, paths) if p]
+  if len(problems) > 1:
+    return f'{len(problems)} of the {len(paths)} shards are damaged; the first: {problems[0]}'
+  return problems[0] if problems else None
 
 
 def _not_found(name, data_dir):

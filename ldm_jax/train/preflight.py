@@ -267,6 +267,8 @@ def _data_problems(config):
   name, data_dir = _get(config, 'data.name'), _get(config, 'data.data_dir')
   named = isinstance(name, str) and not any(p.startswith('data.name=') for p in problems)
   if named and isinstance(data_dir, str) and not config_check.is_remote(data_dir):
-    problem = sources.check_name(name, data_dir, jax.process_count())
+    problem = sources.check_name(name, data_dir, jax.process_count(),
+                                 image_key=_get(config, 'data.image_key', 'image'),
+                                 caption_key=_get(config, 'data.caption_key', 'caption'))
     problems += [problem] if problem else []
   return problems

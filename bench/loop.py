@@ -4,13 +4,13 @@
   python bench/loop.py --json loop.json         # the first config's numbers as JSON
   python bench/loop.py --configs shapes_ldm --loop_steps 1000
 
-Both are measured in one process on the same devices, from one `ldm_jax.train.loop.setup`: first
-the compiled step called back to back `--bare_steps` times on one batch resident on the devices
-(blocking on each step where the loop must: XLA:CPU with several devices), then the real loop
-(`loop.run`: input thread, device prefetch, metrics read one step late, logs, checkpoints at the
-config's cadence with one at the end of the window) for `--loop_steps` more steps. Previews are
-off and the final export is outside the window; compilation is outside both (the loop reuses the
-compiled step). ratio = loop images/s / step images/s; below 1 the host profile says where the
+Both are measured in one process on the same devices, from one `ldm_jax.train.loop.setup`: the
+compiled step called back to back on one batch resident on the devices (blocking on each step
+where the loop must: XLA:CPU with several devices), `--bare_steps` in all, half before and half
+after the real loop (`loop.run`: input thread, device prefetch, metrics read one step late, logs,
+checkpoints at the config's cadence with one at the end of the window) of `--loop_steps` steps.
+Previews are off and the final export is outside the window; compilation is outside both (the
+loop reuses the compiled step). ratio = loop images/s / step images/s; below 1 the host profile says where the
 rest went: per step, the loop thread's time by phase (waiting for data, dispatching, waiting for
 the device, logging, checkpoints) and the input thread's load and placement time.
 
@@ -55,47 +55,57 @@ def measure(config, workdir, *, bare_steps, loop_steps):
   Args:
     config: a full training config (not locked); num_steps is set here.
     workdir: an empty directory for the run.
-    bare_steps: timed back-to-back calls of the compiled step (after 2 untimed ones).
+    bare_steps: timed back-to-back calls of the compiled step (after 2 untimed ones), half
+      before the loop and half after it (the machine's drift hits both sides alike).
     loop_steps: steps of the real loop (its first, untimed, included).
 
   Returns:
     dict: loop_images_per_s, step_images_per_s, ratio, compile_s, phases_ms (the loop thread's
     ms per step by phase), input_ms (the input thread's load and place ms per batch), steps.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from ldm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import loop  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  config.num_steps = 2 + bare_steps + loop_steps
+  config.num_steps = 2 + bare_steps // 2 + loop_steps
   r = loop.setup(config, workdir)
   batch = sharding.put_batch(next(r.loader), r.mesh)
   t0 = time.perf_counter()
   r.compiled, _ = step_lib.compile_ahead(r.update, r.state, r.frozen, batch, r.rng)
   compile_s = time.perf_counter() - t0
-  block = jax.default_backend() == 'cpu' and jax.device_count() > 1  # as the loop does
+  first = _bare_steps(r, batch, 2 + bare_steps // 2, warmup=2)
+  loop.run(r)
+  second = _bare_steps(r, batch, bare_steps - bare_steps // 2)
+  bare_s = (first + second) / 2
+  images = config.data.batch_size
+  result = {
+      'loop_images_per_s': images * r.clock.steps / r.clock.wall_s,
+      'step_images_per_s': images / bare_s,
+      'compile_s': compile_s, 'steps': {'bare': bare_steps, 'loop': r.clock.steps},
+      'step_ms_before_after': [round(1e3 * first, 1), round(1e3 * second, 1)],
+      'phases_ms': {k: round(v, 2) for k, v in r.clock.per_step_ms().items()},
+      'input_ms': {k: round(v, 2) for k, v in r.clock.input_ms.items()},
+  }
+  result['ratio'] = result['loop_images_per_s'] / result['step_images_per_s']
+  return result
+
+
+def _bare_steps(r, batch, steps, warmup=0):
+  """Seconds per step of the compiled step called back to back on one resident batch (after
+  `warmup` untimed calls), blocking on each where the loop must (XLA:CPU with several devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  block = jax.default_backend() == 'cpu' and jax.device_count() > 1
   state = r.state
-  for i in range(2 + bare_steps):
-    if i == 2:
+  for i in range(steps):
+    if i == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
     state, metrics = r.compiled(state, r.frozen, batch, r.rng)
     if block:
       jax.block_until_ready(metrics)
   jax.block_until_ready(state)
-  bare_s = (time.perf_counter() - t0) / bare_steps
   r.state = state
-  loop.run(r)
-  images = config.data.batch_size
-  result = {
-      'loop_images_per_s': images * r.clock.steps / r.clock.wall_s,
-      'step_images_per_s': images / bare_s,
-      'compile_s': compile_s, 'steps': {'bare': bare_steps, 'loop': r.clock.steps},
-      'phases_ms': {k: round(v, 2) for k, v in r.clock.per_step_ms().items()},
-      'input_ms': {k: round(v, 2) for k, v in r.clock.input_ms.items()},
-  }
-  result['ratio'] = result['loop_images_per_s'] / result['step_images_per_s']
-  return result
+  return (time.perf_counter() - t0) / (steps - warmup)
 
 
 def main():
@@ -122,13 +132,13 @@ def main():
   print(f'\ntraining loop vs bare step, {jax.device_count()} {jax.default_backend()} devices, '
         f'load {os.getloadavg()[0]:.1f}')
   print(f"{'config':20s} {'batch':>6s} {'step img/s':>11s} {'loop img/s':>11s} {'ratio':>6s}  "
-        'loop ms/step by phase (input thread ms/batch)')
+        'bare ms/step before, after | loop ms/step by phase (input thread ms/batch)')
   for name, r in results.items():
     phases = ', '.join(f'{k} {v:.1f}' for k, v in r['phases_ms'].items() if v >= 0.05)
     inputs = ', '.join(f'{k} {v:.1f}' for k, v in r['input_ms'].items())
     print(f'{name:20s} {shapes_config(name, "", "").data.batch_size:6d} '
           f'{r["step_images_per_s"]:11.1f} {r["loop_images_per_s"]:11.1f} {r["ratio"]:6.3f}  '
-          f'{phases} ({inputs})')
+          f'{r["step_ms_before_after"][0]}, {r["step_ms_before_after"][1]} | {phases} ({inputs})')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results[args.configs[0]] | {'config': args.configs[0], 'all': results}, f,

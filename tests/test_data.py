@@ -294,6 +294,16 @@ def test_precomputed_dataset_holds_the_encodings(shapes_dir, tmp_path, tok):
   context = te_net.apply({'params': te_params}, want['input_ids']).last_hidden_state
   np.testing.assert_allclose(got['moments'], np.concatenate([mean, logvar], -1), atol=1e-5)
   np.testing.assert_allclose(got['context'], context, atol=1e-5)
+  # Given the tokenizer that encoded them, the stored token ids are used as they are (dropped
+  # captions get the empty caption's); another max_length tokenizes the captions again.
+  kw = dict(split='holdout', precomputed=True, shuffle=False, batch_size=40, caption_dropout=0.5)
+  stored, again = (pipeline.Loader(_config(pre_name, str(tmp_path), max_length=n, **kw), tok)
+                   for n in (77, 76))
+  assert stored._process.stored_ids and not again._process.stored_ids
+  a, b = next(stored), next(again)
+  np.testing.assert_array_equal(a['drop'], b['drop'])
+  assert 0 < a['drop'].sum() < 40
+  np.testing.assert_array_equal(a['input_ids'][:, :76], b['input_ids'])
   del jax
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 
 from absl import flags
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -27,6 +28,7 @@ _STATUS_NAMES = ('ok', 'skipped_bad_image', 'skipped_too_small', 'skipped_empty_
 UPSAMPLE_WARN = 4
 _WARN_FIRST = 5  # each kind of data problem is logged this many times, then only counted
 _CROPS = ('center', 'random')
+PRECOMPUTED_INPUTS = 'inputs.json'  # a precomputed dataset's record of what it encodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +153,26 @@ def resize_crop(img, resolution, crop, rng):
 class ProcessRecord:
   """The per-record transform (picklable, so grain workers can run it)."""
 
-  def __init__(self, config, tokenizer, keep_captions=False):
+  def __init__(self, config, tokenizer, keep_captions=False, stored_ids=False):
     self.config, self.tokenizer, self.keep_captions = config, tokenizer, keep_captions
+    self.stored_ids = stored_ids  # precomputed records' input_ids are this tokenizer's
+    self._empty_ids = None
 
   def _tokenize(self, caption, drop):
     ids, truncated = tokenizer_lib.tokenize(self.tokenizer, '' if drop else caption,
                                             self.config.max_length)
     return {'input_ids': ids[0], 'truncated': bool(truncated[0])}
+
+  def _ids(self, record, drop):
+    """A precomputed record's token ids: stored (tokenized when it was encoded; its long captions
+    were counted then) or tokenized now; the empty caption's when dropped."""
+    if not self.stored_ids:
+      return self._tokenize(_text(record['caption']), drop)
+    if drop:
+      if self._empty_ids is None:
+        self._empty_ids = self._tokenize('', True)['input_ids']
+      return {'input_ids': self._empty_ids, 'truncated': False}
+    return {'input_ids': np.asarray(record['input_ids'], np.int32), 'truncated': False}
 
   def __call__(self, record, rng):
     c = self.config
@@ -168,7 +183,7 @@ class ProcessRecord:
       if 'context' in record:  # a frozen text encoder's states (the step swaps dropped ones)
         out['context'] = record['context']
       if self.tokenizer is not None and 'caption' in record:
-        out |= self._tokenize(_text(record['caption']), drop)
+        out |= self._ids(record, drop)
       return out
     caption = _text(record[c.caption_key])
     out = {'image': np.zeros((c.resolution, c.resolution, 3), np.uint8),
@@ -268,7 +283,9 @@ class Loader:
     ds = ds.seed(config.seed)
     if config.shuffle:
       ds = ds.shuffle()  # reshuffled each epoch by repeat()
-    ds = ds.repeat(config.num_epochs).random_map(ProcessRecord(config, tokenizer, keep_captions))
+    self._process = ProcessRecord(config, tokenizer, keep_captions,
+                                  stored_ids=_stored_ids_match(config, tokenizer))
+    ds = ds.repeat(config.num_epochs).random_map(self._process)
     it = ds.to_iter_dataset(_read_options(config, config.batch_size // count))
     if config.worker_count > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
@@ -300,6 +317,22 @@ class Loader:
   def set_state(self, state):
     self._iterator.set_state(state['grain'])
     self._counter.stats = _Counter.empty() | dict(state['stats'])  # older states lack some keys
+
+
+def _stored_ids_match(config, tokenizer):
+  """Whether a precomputed dataset's stored token ids are what `tokenizer` makes at
+  `max_length` (its inputs record says which tokenizer encoded it): then they are used as they
+  are, which halves the input's work per record (bench/NOTES.md, "The training loop")."""
+  if not config.precomputed or tokenizer is None:
+    return False
+  version_dir = sources.newest_version(config.name, config.data_dir)
+  try:
+    inputs = (json.loads((epath.Path(version_dir) / PRECOMPUTED_INPUTS).read_text())
+              if version_dir else {})
+  except (OSError, ValueError):
+    inputs = {}
+  return (inputs.get('tokenizer') == tokenizer_lib.digest(tokenizer)
+          and inputs.get('loader', {}).get('max_length') == config.max_length)
 
 
 def _read_options(config, batch_size):

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 
-_INPUTS = 'inputs.json'
+_INPUTS = pipeline.PRECOMPUTED_INPUTS
 
 
 class PrecomputedConfig(tfds.core.BuilderConfig):
@@ -141,7 +142,7 @@ def _inputs(one_pass, tokenizer, vae, text_encoder, dtype):
       'dataset_fingerprint': sources.fingerprint(one_pass.name, one_pass.data_dir),
       'loader': loader, 'vae': _network_digest(vae),
       'text_encoder': 'none' if text_encoder is None else _network_digest(text_encoder),
-      'tokenizer': _tokenizer_digest(tokenizer), 'dtype': np.dtype(dtype).name,
+      'tokenizer': tokenizer_lib.digest(tokenizer), 'dtype': np.dtype(dtype).name,
       'format': str(Precomputed.VERSION),
   }
 
@@ -159,16 +160,6 @@ def _network_digest(network):
     h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{np.shape(leaf)};'.encode())
     h.update(a.view(np.uint8))  # bytes of any dtype (bfloat16 too)
   return h.hexdigest()
-
-
-def _tokenizer_digest(tokenizer):
-  """A digest of the vocabulary, merges and pad token ('none' without a tokenizer)."""
-  if tokenizer is None:
-    return 'none'
-  ranks = getattr(tokenizer, 'bpe_ranks', {})
-  text = json.dumps([sorted(tokenizer.get_vocab().items()), sorted(ranks, key=ranks.get),
-                     str(tokenizer.pad_token)])
-  return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _differences(old, new):

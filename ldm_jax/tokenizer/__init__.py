@@ -5,6 +5,8 @@ Building a vocabulary (the real CLIP one from PyPI, or a small one from captions
 in `ldm_jax.tokenizer.__main__`.
 """
 
+import hashlib
+import json
 import pathlib
 
 import numpy as np
@@ -79,3 +81,14 @@ def tokenize(tokenizer, texts, max_length=77):
       row, truncated[i] = row[:max_length - 1] + row[-1:], True
     ids[i, :len(row)] = row
   return ids, truncated
+
+
+def digest(tokenizer):
+  """A digest of the vocabulary, merges and pad token ('none' without a tokenizer): equal
+  digests tokenize alike (precomputed token ids are reused only under the same one)."""
+  if tokenizer is None:
+    return 'none'
+  ranks = getattr(tokenizer, 'bpe_ranks', {})
+  text = json.dumps([sorted(tokenizer.get_vocab().items()), sorted(ranks, key=ranks.get),
+                     str(tokenizer.pad_token)])
+  return hashlib.sha256(text.encode()).hexdigest()

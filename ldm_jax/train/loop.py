@@ -96,7 +96,8 @@ def setup(config, workdir):
 
 
 def run(r):
-  """Steps `r.state` to `config.num_steps` (or a stop signal); returns the final step."""
+  """Steps `r.state` to `config.num_steps` (or a stop signal), leaving the trained state in
+  `r.state`; returns the final step."""
   c = r.config
   done = int(r.state['step'])
   log = logger_lib.Logger(r.workdir, c.num_steps, enabled=distributed.is_main(), start_step=done)
@@ -141,6 +142,7 @@ def run(r):
   logging.info('training loop, %s; the input thread spent %.1f ms loading and %.1f ms placing '
                'each batch', r.clock.summary(), r.clock.input_ms['load'],
                r.clock.input_ms['place'])
+  r.state = state  # the Run holds the trained state (its first state was donated to the step)
   if done == c.num_steps:
     export.export(r.stage, state, r.frozen, r.workdir, r.loader)
   return int(state['step'])

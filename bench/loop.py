@@ -117,6 +117,9 @@ def main():
                       '500); the online-VAE config runs a fifth of them')
   parser.add_argument('--data_dir', default=os.path.join(_ROOT, 'data'))
   parser.add_argument('--vae_workdir', default=os.path.join(_ROOT, 'runs', 'demo', 'vae'))
+  parser.add_argument('--prefetch', type=int, default=None,
+                      help='data.prefetch (default: the config\'s, 2); 0: the loop makes each '
+                      'batch itself when it needs it')
   parser.add_argument('--json', help='write the first config\'s results here')
   args = parser.parse_args()
   os.environ.setdefault('JAX_NUM_CPU_DEVICES', '2')  # the demo's mesh on a CPU; before JAX starts
@@ -126,6 +129,8 @@ def main():
   results = {}
   for i, name in enumerate(args.configs):
     config = shapes_config(name, args.data_dir, args.vae_workdir)
+    if args.prefetch is not None:
+      config.data.prefetch = args.prefetch
     with tempfile.TemporaryDirectory() as workdir:
       results[name] = measure(config, workdir, bare_steps=args.bare_steps // (1 + 4 * bool(i)),
                               loop_steps=args.loop_steps // (1 + 4 * bool(i)))

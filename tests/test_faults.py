@@ -59,6 +59,7 @@ from ldm_jax.models import text_encoder as text_lib
 from ldm_jax.models import unet as unet_lib
 from ldm_jax.models import vae as vae_lib
 from ldm_jax.tokenizer import build as tokenizer_build
+from ldm_jax.train import clock
 from ldm_jax.train import logger as logger_lib
 from ldm_jax.train import loop
 from ldm_jax.train import preflight
@@ -252,12 +253,11 @@ def test_non_finite_metrics_stop_before_the_save(tmp_path):
     __getattr__ = dict.__getitem__
 
   config = Config(ckpt_every=10, log_every=1, num_steps=20, data=Config(batch_size=8))
-  loader = type('Loader', (), {'stats': {}})()
-  reader = loop._MetricsReader(logger_lib.Logger(str(tmp_path), 20), loader, config,  # pylint: disable=protected-access
-                               str(tmp_path), None)
+  reader = loop._MetricsReader(logger_lib.Logger(str(tmp_path), 20), config, str(tmp_path),  # pylint: disable=protected-access
+                               None, clock.Clock())
   good = {'loss': 1e23, 'grad_norm': 1.0, 'param_norm': 1.0, 'update_norm': 1.0}
-  reader.push(1, good)
-  reader.push(2, dict(good, grad_norm=np.nan, param_norm=np.nan))
+  reader.push(1, good, {})
+  reader.push(2, dict(good, grad_norm=np.nan, param_norm=np.nan), {})
   with pytest.raises(loop.NonFiniteError) as e:
     reader.flush()
   assert str(e.value).startswith('the loss is finite (1e+23) but grad_norm is nan, param_norm is '
@@ -265,7 +265,7 @@ def test_non_finite_metrics_stop_before_the_save(tmp_path):
                                  'step 2: stopped. No checkpoint was saved before it (the first '
                                  'is due at step 10): a rerun starts from the beginning'), e.value
   reader.good_step = 10
-  reader.push(11, dict(good, loss=np.inf))
+  reader.push(11, dict(good, loss=np.inf), {})
   with pytest.raises(loop.NonFiniteError, match='loss is inf at step 11: stopped. The last good '
                      'checkpoint is step 10'):
     reader.flush()

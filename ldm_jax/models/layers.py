@@ -72,21 +72,8 @@ def conv(features, kernel=3, stride=1, padding=None, dtype=jnp.float32, param_dt
                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class Dense(nn.Dense):
-  """nn.Dense (same parameters) applied to a 2-D (rows, features) view of its input.
-
-  On (B, L, C) activations the weight gradient contracts two axes, (B, L), which XLA:CPU
-  lowers to a transpose of the activations or gradients plus a strided dot; on (B*L, C) it is
-  one row-major GEMM: 1.6-1.8x faster for the GEGLU projection's gradient (bench/NOTES.md).
-  """
-
-  def __call__(self, inputs):
-    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-    return y.reshape(inputs.shape[:-1] + y.shape[-1:])
-
-
 def dense(features, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, name=None):
-  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):

@@ -99,6 +99,9 @@ def test_prefetched_batches_resume_from_the_consumed_position(shapes_dir, tok):
     while feed.made < 27 and time.time() < deadline:  # two batches made ahead of the 25th
       time.sleep(0.01)
     assert feed.made >= 27 and len(placed) == feed.made
+    loader = feed._loader  # pylint: disable=protected-access
+  # Closed, the loader is back after the 25th batch: it gives the 26th next, not the 28th.
+  np.testing.assert_array_equal(next(loader)['input_ids'], expected[25]['input_ids'])
   for want, batch in zip(expected, got):
     assert batch.placed == 'on device'
     np.testing.assert_array_equal(batch.host['input_ids'], want['input_ids'])

@@ -48,6 +48,10 @@ _REFERENCE = textwrap.dedent('''
       def get_state(self):
         return self.hosts[0].get_state()
 
+      def set_state(self, state):  # both hosts have read as many records (no bad ones here)
+        for host in self.hosts:
+          host.set_state(state)
+
     pipeline.Loader = TwoHosts
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name='__main__')

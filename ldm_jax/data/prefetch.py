@@ -51,6 +51,7 @@ class Prefetcher:
     self._loader, self._place, self.depth = loader, place, depth
     self.load_s = self.place_s = 0.0
     self.made = 0  # batches made (placed), ahead ones included
+    self._position = loader.get_state()  # after the last batch handed out: where close() rewinds
     self._stop = threading.Event()
     self._queue = queue.Queue(maxsize=max(depth, 1))
     self._thread = None
@@ -91,7 +92,9 @@ class Prefetcher:
 
   def __next__(self) -> Batch:
     if self._thread is None:
-      return self._make()
+      batch = self._make()
+      self._position = batch.position
+      return batch
     item = self._queue.get()
     if item is _END:
       self._queue.put(_END)  # every later next() ends too
@@ -99,15 +102,18 @@ class Prefetcher:
     if isinstance(item, _Failure):
       self._queue.put(item)
       raise item.error
+    self._position = item.position
     return item
 
   def close(self):
-    """Stops the thread and waits for it (the loader is free again when this returns); the
-    batches made ahead are dropped."""
+    """Stops the thread and waits for it; the batches made ahead are dropped and the loader is
+    put back after the last batch handed out, free for others (the vae stage's export measures
+    its scaling factor on the next batches: the same ones with prefetch on or off)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+      self._loader.set_state(self._position)
     while not self._queue.empty():
       self._queue.get_nowait()
 

@@ -64,6 +64,7 @@ from ldm_jax.diffusion import pipeline as sd_pipeline
 from ldm_jax.models import attention
 from ldm_jax.models import build
 from ldm_jax.train import export
+from ldm_jax.train import loop as train_loop
 from ldm_jax.train import stages
 from ldm_jax.train import state as state_lib
 from ldm_jax.train import step as step_lib
@@ -299,8 +300,7 @@ def time_steps(setup, compiled, batch, size):
     (seconds per step of each round, the last loss).
   """
   placed = sharding.put_batch(host_batch(setup.config, setup.stage, batch), setup.mesh)
-  # XLA:CPU's all-reduce can deadlock with several steps in flight: block there (as the loop).
-  block = jax.default_backend() == 'cpu' and jax.device_count() > 1
+  block = train_loop.blocks_each_step()  # XLA:CPU with several devices, as the loop does
   state, metrics = setup.init(setup.rng), None
   for _ in range(size['warmup']):
     state, metrics = compiled(state, setup.frozen, placed, setup.rng)

@@ -94,7 +94,8 @@ def _bare_steps(r, batch, steps, warmup=0):
   """Seconds per step of the compiled step called back to back on one resident batch (after
   `warmup` untimed calls), blocking on each where the loop must (XLA:CPU with several devices)."""
   import jax  # pylint: disable=g-import-not-at-top
-  block = jax.default_backend() == 'cpu' and jax.device_count() > 1
+  from ldm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  block = loop.blocks_each_step()  # as the loop does
   state = r.state
   for i in range(steps):
     if i == warmup:

@@ -74,13 +74,19 @@ def test_loader_resumes_exactly(shapes_dir, tok):
   for _ in range(25):
     next(interrupted)
   state = json.loads(json.dumps(interrupted.get_state()))  # as a checkpoint stores it
+  resumed = _assert_resumes(config, tok, state, expected[25:])
+  assert resumed.stats == uninterrupted.stats
+
+
+def _assert_resumes(config, tok, state, expected):
+  """A Loader set to `state` gives the `expected` batches next; returns it."""
   resumed = pipeline.Loader(config, tok)
   resumed.set_state(state)
-  for want in expected[25:]:
+  for want in expected:
     got = next(resumed)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
-  assert resumed.stats == uninterrupted.stats
+  return resumed
 
 
 def test_prefetched_batches_resume_from_the_consumed_position(shapes_dir, tok):
@@ -107,12 +113,7 @@ def test_prefetched_batches_resume_from_the_consumed_position(shapes_dir, tok):
     np.testing.assert_array_equal(batch.host['input_ids'], want['input_ids'])
   position = json.loads(json.dumps(got[-1].position))  # as a checkpoint stores it
   assert position['stats']['ok'] == 25 * 4  # the consumed batches' records, not the made ones
-  resumed = pipeline.Loader(config, tok)
-  resumed.set_state(position)
-  for want in expected[25:]:
-    batch = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(batch[key], want[key])
+  _assert_resumes(config, tok, position, expected[25:])
 
 
 def test_prefetch_passes_the_end_and_errors_through(shapes_dir, tok):

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.data import builders
 from ldm_jax.data import images
 from ldm_jax.data import sources
 
@@ -326,11 +327,8 @@ def _stored_ids_match(config, tokenizer):
   if not config.precomputed or tokenizer is None:
     return False
   version_dir = sources.newest_version(config.name, config.data_dir)
-  try:
-    inputs = (json.loads((epath.Path(version_dir) / PRECOMPUTED_INPUTS).read_text())
-              if version_dir else {})
-  except (OSError, ValueError):
-    inputs = {}
+  inputs = (builders.read_record(epath.Path(version_dir) / PRECOMPUTED_INPUTS)
+            if version_dir else None) or {}
   return (inputs.get('tokenizer') == tokenizer_lib.digest(tokenizer)
           and inputs.get('loader', {}).get('max_length') == config.max_length)
 

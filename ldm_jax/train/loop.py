@@ -155,11 +155,16 @@ def _step(r, state, batch):
     distributed.barrier('ldm_jax_step_compiled')
   with r.clock.phase('dispatch'):
     state, metrics = r.compiled(state, r.frozen, batch.placed, r.rng)
-  # XLA:CPU's all-reduce can deadlock with several steps in flight: block there (only there).
-  if jax.default_backend() == 'cpu' and jax.device_count() > 1:
+  if blocks_each_step():
     with r.clock.phase('device'):
       jax.block_until_ready(metrics)
   return state, metrics
+
+
+def blocks_each_step():
+  """Whether a step is waited for before the next is dispatched: XLA:CPU's all-reduce can
+  deadlock with several steps in flight, so on the CPU with several devices (only there)."""
+  return jax.default_backend() == 'cpu' and jax.device_count() > 1
 
 
 def _save(r, reader, step, state, position):

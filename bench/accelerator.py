@@ -148,26 +148,23 @@ def write_precomputed(config, stage, num_records, seed=0):
     return 0.0
   t0 = time.perf_counter()
   vae, text = stage.vae, stage.text_encoder
-
-  class Synthetic(precompute.Precomputed, skip_registration=True):
-    """The precomputed dataset's features, filled with random records instead of encodings."""
-    name = 'precomputed'
-
-    def _generate_examples(self):
-      rng = np.random.default_rng(seed)
-      side = config.data.resolution // vae.config.downsample_factor
-      for k in range(num_records):
-        moments, context = random_records(rng, 1, side, vae.config.latent_channels,
-                                          config.data.max_length, text.config.hidden_size)
-        yield k, {'moments': moments[0], 'context': context[0], 'caption': CAPTIONS[k % 4],
-                  'input_ids': np.zeros((config.data.max_length,), np.int32)}
-
+  rng = np.random.default_rng(seed)
+  side = config.data.resolution // vae.config.downsample_factor
+  records = []
+  for k in range(num_records):
+    moments, context = random_records(rng, 1, side, vae.config.latent_channels,
+                                      config.data.max_length, text.config.hidden_size)
+    records.append({'moments': moments[0], 'context': context[0], 'caption': CAPTIONS[k % 4],
+                    'input_ids': np.zeros((config.data.max_length,), np.int32),
+                    'original_size': np.full(2, config.data.resolution, np.int32),
+                    'crop_top_left': np.zeros(2, np.int32)})
   loader_config = data_pipeline.LoaderConfig.from_config(config.data, name='synthetic')
-  builder_config = precompute.PrecomputedConfig(
-      name=config.data.name.split('/', 1)[1], loader_config=loader_config, vae=(vae, None),
-      text_encoder=(text, None), dtype=np.float32, batch_size=1)
-  Synthetic(config=builder_config, data_dir=config.data.data_dir,
-            file_format='array_record').download_and_prepare()
+  job = precompute.Job(loader_config, None, (vae, None), (text, None), np.dtype(np.float32),
+                       config.data.name.split('/', 1)[1], config.data.data_dir,
+                       range(num_records), None, num_records, {})
+  job.progress_dir.mkdir(parents=True)
+  job.write_shard(0, records, [(config.data.resolution,) * 2] * num_records, {})
+  precompute.finalize(job)
   return time.perf_counter() - t0
 
 

@@ -12,6 +12,15 @@ without an image are left out there and counted; a null caption is the empty cap
 unconditional unless `data.skip_empty_captions`). A record is read from its row group, which
 each process keeps in a small LRU cache: under a global shuffle nearly every record reads a
 whole row group, so small row groups (img2dataset writes 100 rows) read fastest.
+
+The index also holds each record's image size (`Source.sizes`, for aspect-ratio buckets). A file
+of img2dataset's layout has them in its 'width' and 'height' columns, read without the images;
+other files' image headers are read at indexing, one row group's image column at a time (the
+whole file is read once). img2dataset's sizes are of the stored image as OpenCV reads it,
+without its EXIF orientation: exact for the images it re-encodes (its default, which drops the
+EXIF); an image kept as downloaded (`--skip_reencode True` without resizing) keeps its
+orientation, so a quarter-turned one goes to the transposed aspect ratio's bucket (and is still
+resized and cropped to fit it).
 """
 
 import collections
@@ -28,6 +37,10 @@ from ldm_jax.data import shards
 # Column names of img2dataset's parquet output that the default keys fall back to.
 FALLBACK_COLUMNS = {'image': 'jpg', 'caption': 'txt'}
 KEY_COLUMN = 'key'  # names records in logs when present (img2dataset writes it)
+# img2dataset's columns: the stored image's (width, height), and its size as downloaded (present
+# only to tell img2dataset's files from others that have a 'width' of another meaning).
+SIZE_COLUMNS = ('width', 'height')
+_IMG2DATASET_SIZES = SIZE_COLUMNS + ('original_width', 'original_height')
 ROW_GROUPS_CACHED = 8  # decoded row groups each process keeps
 _BIG_ROW_GROUP = 64 << 20  # bytes (uncompressed) past which random reads get slow: warned about
 
@@ -81,8 +94,9 @@ def index_file(path, image_key='image', caption_key='caption'):
   Returns:
     A dict of numpy arrays: 'rg', 'row' (n,) int32 (row group, row in it, of each record);
     'rg_start' (row groups,) int64 (each row group's first row in the file); 'columns' (the
-    image, caption and, when there is one, key column); 'no_image' and 'no_caption' (rows; -1
-    when the file's statistics do not say); 'max_rg_bytes'.
+    image, caption and, when there is one, key column); 'sizes' (n, 2) int32, each record's
+    image (width, height) as decoded, (-1, -1) where its header cannot be read; 'no_image' and
+    'no_caption' (rows; -1 when the file's statistics do not say); 'max_rg_bytes'.
 
   Raises:
     ValueError: the file is not parquet or lacks the columns (listing those it has).
@@ -101,10 +115,12 @@ def index_file(path, image_key='image', caption_key='caption'):
     rgs.append(np.full(len(valid), i, np.int32))
     rows.append(valid.astype(np.int32))
   rg, row = (np.concatenate(x) if x else np.zeros(0, np.int32) for x in (rgs, rows))
+  rg_start = np.cumsum([0] + rg_rows[:-1]).astype(np.int64)
   no_caption = [_nulls(md, i, caption_column) for i in range(md.num_row_groups)]
   key = [KEY_COLUMN] if KEY_COLUMN in names and KEY_COLUMN not in (image_column, caption_column) \
       else []
-  return {'rg': rg, 'row': row, 'rg_start': np.cumsum([0] + rg_rows[:-1]).astype(np.int64),
+  return {'rg': rg, 'row': row, 'rg_start': rg_start,
+          'sizes': _sizes(pf, image_column, rg, row, rg_start),
           'columns': np.array([image_column, caption_column] + key),
           'no_image': np.array(sum(rg_rows) - len(rg)),
           'no_caption': np.array(-1 if None in no_caption else sum(no_caption)),
@@ -133,6 +149,26 @@ def _valid_rows(pf, rg, column):
   return np.flatnonzero(valid)
 
 
+def _sizes(pf, image_column, rg, row, rg_start):
+  """(n, 2) int32 (width, height) of the images at rows `row` of row groups `rg`: img2dataset's
+  size columns where the file has them and they are not null, else (there) the headers."""
+  sizes = np.full((len(rg), 2), -1, np.int32)
+  schema = pf.schema_arrow
+  if all(c in schema.names and pa.types.is_integer(schema.field(c).type)
+         for c in _IMG2DATASET_SIZES):
+    table = pf.read(columns=list(SIZE_COLUMNS), use_threads=False)
+    for j, column in enumerate(SIZE_COLUMNS):
+      sizes[:, j] = table.column(column).fill_null(-1).to_numpy()[rg_start[rg] + row]
+  unknown = (sizes <= 0).any(axis=1)
+  for group in np.unique(rg[unknown]):
+    values = pf.read_row_group(int(group), columns=[image_column]).column(0).combine_chunks()
+    if pa.types.is_struct(values.type):  # Hugging Face's Image feature
+      values = values.field('bytes')
+    for k in np.flatnonzero(unknown & (rg == group)):
+      sizes[k] = shards.image_size(values[int(row[k])].as_py())
+  return sizes
+
+
 class Source:
   """The rows of parquet files as a random-access source for grain.
 
@@ -158,6 +194,7 @@ class Source:
                                  for i, ix in enumerate(indexes)])
     self._rg = np.concatenate([ix['rg'] for ix in indexes])
     self._row = np.concatenate([ix['row'] for ix in indexes])
+    self._sizes = np.concatenate([ix['sizes'] for ix in indexes])
     self._rg_start = [ix['rg_start'] for ix in indexes]
     self._columns = [[str(c) for c in ix['columns']] for ix in indexes]
     self.stats = _stats(indexes)
@@ -170,6 +207,11 @@ class Source:
 
   def __len__(self):
     return len(self._file)
+
+  def sizes(self):
+    """(n, 2) int32: each record's image (width, height) as it will be decoded (EXIF orientation
+    applied), from the index; (-1, -1) where the header cannot be read (the decode skips it)."""
+    return self._sizes
 
   def __getitem__(self, index):
     index = int(index)
@@ -212,6 +254,7 @@ def _stats(indexes):
   no_caption = [int(ix['no_caption']) for ix in indexes]
   return {'files': len(indexes), 'rows': sum(len(ix['rg']) for ix in indexes),
           'no_image': sum(int(ix['no_image']) for ix in indexes),
+          'unknown_size': sum(int((ix['sizes'][:, 0] < 0).sum()) for ix in indexes),
           'no_caption': -1 if -1 in no_caption else sum(no_caption),
           'max_row_group_bytes': max(int(ix['max_rg_bytes']) for ix in indexes)}
 
@@ -222,6 +265,9 @@ def _log_stats(stats, files_without_images):
     logging.warning('%d parquet rows have no image (a null value: img2dataset\'s failed '
                     'downloads) and are left out: in %s', stats['no_image'],
                     shards.first(files_without_images))
+  if stats['unknown_size']:
+    logging.warning('%d parquet rows have an image whose header cannot be read: they will not '
+                    'decode, and are skipped when read', stats['unknown_size'])
   if stats['no_caption'] > 0:
     logging.info('%d parquet rows have a null caption: they get the empty caption (trained '
                  'unconditional; data.skip_empty_captions=True skips them)', stats['no_caption'])

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.data import buckets as buckets_lib
 from ldm_jax.data import builders
 from ldm_jax.data import images
 from ldm_jax.data import sources
@@ -55,6 +56,7 @@ class LoaderConfig:
   skip_empty_captions: bool = False  # else they train the unconditional model
   max_length: int = 77  # tokens, the text encoder's context
   precomputed: bool = False  # records hold VAE moments (data.precompute), not images
+  buckets: str | None = None  # aspect-ratio buckets (buckets.SPECS); None: squares of resolution
 
   def __post_init__(self):
     problems = _value_problems(dataclasses.asdict(self))
@@ -121,7 +123,13 @@ def _value_problems(v):
       ('max_length', is_int(v['max_length']) and v['max_length'] >= 2,
        'an integer >= 2 (room for the start and end tokens)'),
   ]
-  return [f'data.{key}={v[key]!r}: must be {valid}' for key, ok, valid in checks if not ok]
+  problems = [f'data.{key}={v[key]!r}: must be {valid}' for key, ok, valid in checks if not ok]
+  if not problems:
+    try:
+      buckets_lib.parse(v['buckets'], v['resolution'])
+    except ValueError as e:
+      problems.append(str(e))
+  return problems
 
 
 def decode_image(value):
@@ -136,23 +144,9 @@ def decode_image(value):
   return images.decode(value)
 
 
-def resize_crop(img, resolution, crop, rng):
-  """Resizes the shorter side to `resolution` and crops a square (center or random)."""
-  w, h = img.size
-  if min(w, h) != resolution:
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                     Image.Resampling.BILINEAR)
-    w, h = img.size
-  if crop == 'random':
-    left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-  else:
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-  return img.crop((left, top, left + resolution, top + resolution))
-
-
 class ProcessRecord:
   """The per-record transform (picklable, so grain workers can run it)."""
+  num_statuses = len(_STATUS_NAMES)
 
   def __init__(self, config, tokenizer, keep_captions=False, stored_ids=False):
     self.config, self.tokenizer, self.keep_captions = config, tokenizer, keep_captions
@@ -175,38 +169,46 @@ class ProcessRecord:
       return {'input_ids': self._empty_ids, 'truncated': False}
     return {'input_ids': np.asarray(record['input_ids'], np.int32), 'truncated': False}
 
-  def __call__(self, record, rng):
+  def __call__(self, record, rng, size=None):
+    """The record as a training example; `size` (width, height) is its bucket (None: a square
+    of `resolution`)."""
     c = self.config
     drop = bool(rng.random() < c.caption_dropout)
     if c.precomputed:
       out = {'moments': record['moments'], 'drop': drop, 'status': OK, 'truncated': False,
              'small_side': 0}
-      if 'context' in record:  # a frozen text encoder's states (the step swaps dropped ones)
-        out['context'] = record['context']
+      for key in ('context', 'original_size', 'crop_top_left'):  # when the encoding stored them
+        if key in record:  # context: a frozen text encoder's (the step swaps dropped ones)
+          out[key] = record[key]
       if self.tokenizer is not None and 'caption' in record:
         out |= self._ids(record, drop)
       return out
     caption = _text(record[c.caption_key])
-    out = {'image': np.zeros((c.resolution, c.resolution, 3), np.uint8),
+    width, height = size or (c.resolution, c.resolution)
+    out = {'image': np.zeros((height, width, 3), np.uint8),
            'input_ids': np.zeros((c.max_length,), np.int32), 'drop': drop, 'status': OK,
-           'truncated': False, 'small_side': 0}
+           'truncated': False, 'small_side': 0, 'original_size': np.zeros(2, np.int32),
+           'crop_top_left': np.zeros(2, np.int32)}
     if self.keep_captions:
       out['caption'] = caption
     if c.skip_empty_captions and not caption.strip():
       return out | {'status': EMPTY_CAPTION}
     try:
-      img = decode_image(record[c.image_key])
+      img, original = images.decode_for(record[c.image_key], width, height)
     except images.DECODE_ERRORS as e:
       # Only skipped records carry a 'problem' (the counter logs it; batches never see it).
       return out | {'status': BAD_IMAGE,
                     'problem': f'{_record_name(record)}: {images.describe(e)}'}
-    if min(img.size) < c.min_image_size:
+    if min(original) < c.min_image_size:
       return out | {'status': TOO_SMALL}
-    if min(img.size) * UPSAMPLE_WARN < c.resolution:
-      out['small_side'] = min(img.size)
-    img = resize_crop(img, c.resolution, c.crop, rng)
+    if min(original) * UPSAMPLE_WARN < min(width, height):
+      out['small_side'] = min(original)
+    out['original_size'] = np.array(original[::-1], np.int32)  # (height, width), as SDXL's
+    img, (top, left), (_, resized_width) = images.fit(img, width, height, c.crop, rng)
     if c.flip and rng.random() < 0.5:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      left = resized_width - width - left  # where the crop lies in the flipped image
+    out['crop_top_left'] = np.array((top, left), np.int32)
     # uint8 until the batch is formed: 4x less to move between worker processes.
     return out | {'image': np.asarray(img, np.uint8)} | self._tokenize(caption, drop)
 
@@ -220,7 +222,7 @@ def _record_name(record):
   return _text(record['file_name']) if 'file_name' in record else 'a record without file_name'
 
 
-class _Counter:
+class Counter:
   """Main-process filter: counts every record's fate, keeps the good ones, logs the first few
   problems of each kind."""
 
@@ -235,11 +237,11 @@ class _Counter:
 
   def __call__(self, record):
     status = int(record['status'])
-    name = _STATUS_NAMES[status]
-    self.stats[name] += 1
-    if status == BAD_IMAGE and self.stats[name] <= _WARN_FIRST:
-      logging.warning('skipped an image that does not decode: %s (%d so far; counted as %s in '
-                      'the loader stats)', record['problem'], self.stats[name], name)
+    self._count(status, record.get('problem'))
+    if 'replaced' in record:  # buckets: records skipped before this one took their slot
+      for skipped, n in enumerate(record['replaced']):
+        for _ in range(int(n)):
+          self._count(skipped, record['replaced_problem'])
     if status == OK:
       self.stats['truncated_captions'] += int(record['truncated'])
       self.stats['dropped_captions'] += int(record['drop'])
@@ -258,14 +260,24 @@ class _Counter:
                           -(-self.resolution // UPSAMPLE_WARN))
     return status == OK
 
+  def _count(self, status, problem):
+    name = _STATUS_NAMES[status]
+    self.stats[name] += 1
+    if status == BAD_IMAGE and self.stats[name] <= _WARN_FIRST:
+      logging.warning('skipped an image that does not decode: %s (%d so far; counted as %s in '
+                      'the loader stats)', problem, self.stats[name], name)
+
 
 class Loader:
   """Batches for this host, forever (or `num_epochs`), with a checkpointable position.
 
-  `next(loader)` is a dict of numpy arrays: 'image' (b, R, R, 3) float32 in [-1, 1] and
-  'input_ids' (b, max_length) int32, or 'moments' (and 'context' if stored, 'input_ids' given a
-  tokenizer) when precomputed, plus 'drop' (b,) bool (the caption was dropped) and, with
-  `keep_captions`, 'caption' (b,) str. b = batch_size / process_count.
+  `next(loader)` is a dict of numpy arrays: 'image' (b, H, W, 3) float32 in [-1, 1] (H = W =
+  resolution, or one bucket's size per batch with `data.buckets`), 'original_size' (b, 2) and
+  'crop_top_left' (b, 2) int32 (height, width of the stored image; top, left of the crop in the
+  resized image: SDXL's size conditioning) and 'input_ids' (b, max_length) int32, or 'moments'
+  (and 'context', 'original_size', 'crop_top_left' if stored, 'input_ids' given a tokenizer)
+  when precomputed, plus 'drop' (b,) bool (the caption was dropped) and, with `keep_captions`,
+  'caption' (b,) str. b = batch_size / process_count.
   """
 
   def __init__(self, config, tokenizer=None, process_index=None, process_count=None,
@@ -279,20 +291,24 @@ class Loader:
       raise ValueError('a tokenizer is needed to tokenize captions')
     source = sources.data_source(config.name, config.split, config.data_dir,
                                  image_key=config.image_key, caption_key=config.caption_key)
-    ds = grain.MapDataset.source(source)[index::count]  # this host's records, disjoint
-    self.num_records = len(ds)
-    ds = ds.seed(config.seed)
-    if config.shuffle:
-      ds = ds.shuffle()  # reshuffled each epoch by repeat()
     self._process = ProcessRecord(config, tokenizer, keep_captions,
                                   stored_ids=_stored_ids_match(config, tokenizer))
-    ds = ds.repeat(config.num_epochs).random_map(self._process)
+    self.buckets = None  # the (width, height) of each bucket, with data.buckets
+    if config.buckets:
+      self.buckets, ds = _bucketed(config, source, self._process, index, count)
+    else:
+      _check_one_shape(config)
+      ds = grain.MapDataset.source(source)[index::count]  # this host's records, disjoint
+      ds = ds.seed(config.seed)
+      if config.shuffle:
+        ds = ds.shuffle()  # reshuffled each epoch by repeat()
+      ds = ds.repeat(config.num_epochs).random_map(self._process)
     it = ds.to_iter_dataset(_read_options(config, config.batch_size // count))
     if config.worker_count > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
         flags.FLAGS.mark_as_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    self._counter = _Counter(config.resolution)
+    self._counter = Counter(config.resolution)
     it = it.filter(self._counter).batch(config.batch_size // count, drop_remainder=True)
     self._iterator = iter(it)
 
@@ -305,10 +321,13 @@ class Loader:
 
   def __next__(self):
     batch = next(self._iterator)
-    for key in ('status', 'truncated', 'small_side'):
+    for key in ('status', 'truncated', 'small_side', 'replaced', 'replaced_problem'):
       batch.pop(key, None)
-    if 'image' in batch:
-      batch['image'] = batch['image'].astype(np.float32) / 127.5 - 1.0  # to [-1, 1]
+    if 'image' in batch:  # to [-1, 1], in place: the same values at half the host's time
+      image = batch['image'].astype(np.float32)
+      image /= 127.5
+      image -= 1.0
+      batch['image'] = image
     return batch
 
   def get_state(self):
@@ -317,7 +336,34 @@ class Loader:
 
   def set_state(self, state):
     self._iterator.set_state(state['grain'])
-    self._counter.stats = _Counter.empty() | dict(state['stats'])  # older states lack some keys
+    self._counter.stats = Counter.empty() | dict(state['stats'])  # older states lack some keys
+
+
+def _bucketed(config, source, process, index, count):
+  """(the buckets, this host's planned records, processed) for `data.buckets` (buckets.py)."""
+  sizes = buckets_lib.record_sizes(source, config.name, config.data_dir, config.image_key)
+  if config.precomputed:  # encoded at their buckets: the latents' shapes are the buckets
+    buckets = tuple(sorted({(int(w), int(h)) for w, h in sizes}))
+    bucket_of = np.array([buckets.index((int(w), int(h))) for w, h in sizes], np.int32)
+  else:
+    buckets = buckets_lib.parse(config.buckets, config.resolution)
+    bucket_of = buckets_lib.assign(sizes, buckets)
+  plan = buckets_lib.Plan(bucket_of, len(buckets), config.batch_size, index, count, config.seed,
+                          config.shuffle, config.num_epochs)
+  used = [f'{w}x{h}: {n}' for (w, h), n in zip(buckets, plan.bucket_counts()) if n]
+  logging.info('aspect-ratio buckets (records per bucket): %s; %d global batches per epoch',
+               ', '.join(used), plan.batches_per_epoch)
+  return buckets, buckets_lib.grain_dataset(source, plan, process, buckets)
+
+
+def _check_one_shape(config):
+  """Raises when a precomputed dataset holds latents of several shapes (it was encoded with
+  buckets) and `data.buckets` is off: its batches could not be stacked."""
+  sizes = buckets_lib.stored_sizes(config.name, config.data_dir) if config.precomputed else None
+  if sizes is not None and len(np.unique(sizes, axis=0)) > 1:
+    raise ValueError(f'{config.name} was encoded with aspect-ratio buckets ({len(np.unique(sizes, axis=0))} '
+                     "image sizes): set data.buckets (e.g. 'auto'; the latents' own sizes are "
+                     'used) to train from it')
 
 
 def _stored_ids_match(config, tokenizer):

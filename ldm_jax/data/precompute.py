@@ -1,136 +1,290 @@
 """Encode a dataset once into VAE posterior moments and text-encoder states (as MLPerf does).
 
 Training from the result skips the VAE encoder and, when the text encoder is frozen, the text
-encoder in every step. The output is an array_record tfds dataset read by the same loader with
-`precomputed=True`; it keeps each caption, so caption dropout and a jointly trained text encoder
-work as with images.
+encoder in every step. The output is an array_record dataset in the tfds layout
+(`<data_dir>/precomputed/<name>/1.0.0`), read by the same loader with `precomputed=True`; it
+keeps each caption, so caption dropout and a jointly trained text encoder work as with images.
 
-Each encoding records what it was made from (`inputs.json` in its version folder: the dataset and
-its fingerprint, the loader settings, digests of the VAE, text encoder and tokenizer, the
-dtype); a later call with other inputs encodes again instead of reusing stale encodings.
+The work is cut into shards, each a fixed contiguous range of source records; process p of P
+encodes shards p, p + P, ... (`encode_shards.py`). A shard is written under a temporary name and
+renamed when complete, so a killed run redoes only its unfinished shards. When every shard is
+there, process 0 writes the metadata (`finalize`): `sizes.npy` (each record's size in pixels),
+the tfds dataset info and, last, `inputs.json`.
+
+Each encoding records what it was made from (`inputs.json`: the dataset and its fingerprint, the
+loader settings, digests of the VAE, text encoder and tokenizer, the dtype; a run in progress
+keeps the same record with its shard size in `_encoding/run.json`): a later call with other
+inputs deletes it and encodes again instead of reusing or resuming stale encodings.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
+from typing import Any
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ldm_jax import distributed
 from ldm_jax import tokenizer as tokenizer_lib
+from ldm_jax.data import buckets as buckets_lib
 from ldm_jax.data import builders
+from ldm_jax.data import encode_shards
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 
 _INPUTS = pipeline.PRECOMPUTED_INPUTS
+_VERSION = '1.0.0'
+_PROGRESS = '_encoding'  # a run in progress: its inputs, shards being written, finished shards
+_RUN = 'run.json'
+SHARD_SIZE = 1024  # source records per shard (a multiple of `for_training`'s batches of 64)
 
 
-class PrecomputedConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass
+class Job:
+  """One encoding, the same on every process: what is encoded, with what, and where."""
+  config: pipeline.LoaderConfig  # one deterministic pass (see `plan`)
+  tokenizer: Any
+  vae: tuple  # (AutoencoderKL, params)
+  text_encoder: tuple | None  # (CLIPTextModel, params), or None: no text states stored
+  dtype: np.dtype  # of the stored moments and text states
+  name: str  # read back as 'precomputed/<name>'
+  data_dir: str
+  source: Any  # the records to encode (random access)
+  sizes: np.ndarray | None  # with buckets: (n, 2) (width, height) each record is encoded at
+  shard_size: int
+  inputs: dict  # what the encodings depend on (inputs.json)
 
-  def __init__(self, *, name, loader_config, vae, text_encoder, dtype, batch_size):
-    super().__init__(name=name, version=tfds.core.Version('1.0.0'),
-                     description=f'VAE moments and text states of {loader_config.name}')
-    self.loader_config, self.vae, self.text_encoder = loader_config, vae, text_encoder
-    self.dtype, self.batch_size = dtype, batch_size
+  @property
+  def dataset_name(self):
+    return f'precomputed/{self.name}'
 
+  @property
+  def split(self):
+    return self.config.split.split('[')[0]  # a slice's records, under its split's name
 
-class Precomputed(tfds.core.GeneratorBasedBuilder):
-  """Per example: 'moments' (h, w, 2 * latent channels), 'caption', the ids, and 'context' (L, D)
-  when a text encoder is given."""
-  VERSION = tfds.core.Version('1.0.0')
-  BUILDER_CONFIGS = []
+  @property
+  def version_dir(self):
+    return epath.Path(self.data_dir) / 'precomputed' / self.name / _VERSION  # may be gs://
 
-  def _info(self):
-    c = self.builder_config
-    vae, _ = c.vae
-    side = c.loader_config.resolution // vae.config.downsample_factor
+  @property
+  def progress_dir(self):
+    return self.version_dir / _PROGRESS
+
+  @property
+  def num_shards(self):
+    return math.ceil(len(self.source) / self.shard_size)
+
+  def shard_range(self, k):
+    """The source records (start, end) of shard k."""
+    return k * self.shard_size, min(len(self.source), (k + 1) * self.shard_size)
+
+  def shard_path(self, k):
+    return epath.Path(self.filename_template.sharded_filepath(shard_index=k,
+                                                              num_shards=self.num_shards))
+
+  def done_path(self, k):
+    """Shard k's record (its length, sizes and stats): written once the shard is in place."""
+    return self.progress_dir / f'shard-{k:05d}.json'
+
+  def run_record(self):
+    """The inputs of this run's shards: `inputs`, the shard size and the number of records."""
+    return self.inputs | {'shard_size': self.shard_size, 'num_records': len(self.source)}
+
+  def finished_shards(self):
+    """The shards whose records are in place (an interrupted run's are kept)."""
+    return [k for k in range(self.num_shards) if self.done_path(k).exists()]
+
+  def write_shard(self, k, records, sizes, stats):
+    """Writes shard k's records (dicts of `features`, in source order) under a temporary name,
+    renames it into place, then records it as done: its length, the records' (width, height)
+    in pixels, the loader stats of its source records."""
+    final = self.shard_path(k)
+    partial = self.progress_dir / (final.name + '.partial')
+    serialized = [self.features.serialize_example(r) for r in records]
+    tfds.core.file_adapters.ArrayRecordFileAdapter.write_examples(partial, enumerate(serialized))
+    partial.replace(final)
+    _write_json(self.done_path(k), {
+        'length': len(records), 'num_bytes': sum(len(s) for s in serialized),
+        'sizes': [[int(w), int(h)] for w, h in sizes], 'stats': stats})
+
+  @property
+  def filename_template(self):
+    """tfds's names of the shards: precomputed-<split>.array_record-<k>-of-<n>."""
+    return tfds.core.ShardedFileTemplate(
+        data_dir=self.version_dir, template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
+        dataset_name='precomputed', split=self.split, filetype_suffix='array_record')
+
+  @functools.cached_property
+  def features(self):
+    """The records' tfds features ('moments' of one shape, or of any with buckets)."""
+    c, (vae, _) = self.config, self.vae
+    channels = 2 * vae.config.latent_channels
+    if self.sizes is None:
+      side = c.resolution // vae.config.downsample_factor
+      moments = tfds.features.Tensor(shape=(side, side, channels), dtype=self.dtype)
+    else:  # tfds stores a tensor of several unknown sides as its bytes and shape
+      moments = tfds.features.Tensor(shape=(None, None, channels), dtype=self.dtype,
+                                     encoding='bytes')
     features = {
-        'moments': tfds.features.Tensor(shape=(side, side, 2 * vae.config.latent_channels),
-                                        dtype=c.dtype),
-        'input_ids': tfds.features.Tensor(shape=(c.loader_config.max_length,), dtype=np.int32),
+        'moments': moments,
+        'input_ids': tfds.features.Tensor(shape=(c.max_length,), dtype=np.int32),
         'caption': tfds.features.Text(),
+        'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),  # (height, width)
+        'crop_top_left': tfds.features.Tensor(shape=(2,), dtype=np.int32),  # (top, left)
     }
-    if c.text_encoder is not None:
+    if self.text_encoder is not None:
       features['context'] = tfds.features.Tensor(
-          shape=(c.loader_config.max_length, c.text_encoder[0].config.hidden_size), dtype=c.dtype)
-    # disable_shuffling keeps the source's record order: record i encodes source record i.
-    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
-                                 features=tfds.features.FeaturesDict(features))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {self.builder_config.loader_config.split.split('[')[0]: self._generate_examples()}
-
-  def _generate_examples(self):
-    c = self.builder_config
-    vae, vae_params = c.vae
-    encode = jax.jit(lambda p, x: jnp.concatenate(vae.apply({'params': p}, x, method='encode'), -1))
-    if c.text_encoder is not None:
-      te, te_params = c.text_encoder
-      embed = jax.jit(lambda p, ids: te.apply({'params': p}, ids).last_hidden_state)
-    key = 0
-    for batch in c.batches:
-      moments = np.asarray(encode(vae_params, batch['image']), c.dtype)
-      if c.text_encoder is not None:
-        context = np.asarray(embed(te_params, batch['input_ids']), c.dtype)
-      for k in range(len(moments)):
-        record = {'moments': moments[k], 'input_ids': batch['input_ids'][k],
-                  'caption': batch['caption'][k]}
-        if c.text_encoder is not None:
-          record['context'] = context[k]
-        yield key, record
-        key += 1
+          shape=(c.max_length, self.text_encoder[0].config.hidden_size), dtype=self.dtype)
+    return tfds.features.FeaturesDict(features)
 
 
-def precompute(loader_config, tokenizer, vae, text_encoder, data_dir, name, batch_size=16,
-               dtype=np.float32):
-  """Encodes every record of `loader_config` once.
+def plan(loader_config, tokenizer, vae, text_encoder, data_dir, name, dtype=np.float32,
+         shard_size=SHARD_SIZE):
+  """The Job that encodes every record of `loader_config` (see `precompute` for the args)."""
+  one_pass = dataclasses.replace(loader_config, shuffle=False, flip=False, caption_dropout=0.0,
+                                 crop='center', num_epochs=1, batch_size=1, precomputed=False)
+  if shard_size < 1:
+    raise ValueError(f'shard_size={shard_size}: must be an integer >= 1 (source records per shard)')
+  # First: a missing shapes dataset is built here, before its fingerprint is taken.
+  source = sources.data_source(one_pass.name, one_pass.split, one_pass.data_dir,
+                               image_key=one_pass.image_key, caption_key=one_pass.caption_key)
+  if not len(source):
+    raise ValueError(f'{one_pass.name} split {one_pass.split!r} in {one_pass.data_dir} has no '
+                     'records: nothing to encode')
+  sizes = None
+  buckets = buckets_lib.parse(one_pass.buckets, one_pass.resolution)
+  if buckets:  # each record is encoded at its bucket's size: the latents keep its shape
+    bucket_of = buckets_lib.assign(buckets_lib.record_sizes(
+        source, one_pass.name, one_pass.data_dir, one_pass.image_key), buckets)
+    sizes = np.array(buckets, np.int32)[bucket_of]
+  return Job(one_pass, tokenizer, vae, text_encoder, np.dtype(dtype), name, data_dir, source,
+             sizes, shard_size, _inputs(one_pass, tokenizer, vae, text_encoder, dtype))
+
+
+def precompute(loader_config, tokenizer, vae, text_encoder, data_dir, name, batch_size=None,
+               dtype=np.float32, shard_size=SHARD_SIZE, devices=None, pad_to_batch=True):
+  """Encodes every record of `loader_config` once, sharded over all processes; resumable.
+
+  Every process calls it (it waits for the others at its start and end).
 
   Args:
     loader_config: what to encode (shuffle, flips and caption dropout are turned off: one pass,
-      deterministic center crops).
+      deterministic center crops; with `buckets`, each record at its bucket's size).
     tokenizer: the text encoder's tokenizer.
     vae: (AutoencoderKL, params).
     text_encoder: (CLIPTextModel, params) of a frozen text encoder, or None to store no text
       states (the text encoder is trained, or runs in each step).
     data_dir: where to write the dataset.
-    name: its config name; the result is read as 'precomputed/<name>'.
-    batch_size: encoding batch (the last partial batch is encoded too).
+    name: its name; the result is read as 'precomputed/<name>'.
+    batch_size: records per encoding call on this process, a multiple of the devices (None: 8
+      per device).
     dtype: storage dtype of moments and context (np.float16 halves the size).
+    shard_size: source records per output shard (the unit of resumption).
+    devices: the devices the batch is sharded over (default: this process's).
+    pad_to_batch: pad each shard's last batch (per bucket) to `batch_size`: one compile per
+      shape. Else to a multiple of the devices only (each size compiles; `for_training`).
 
   Returns:
-    (dataset name for `LoaderConfig.name`, loader stats of the encoding pass: all zeros when
-    the encodings of the same inputs were there already).
+    (dataset name for `LoaderConfig.name`, loader stats of the encoding: on process 0 of every
+    shard, on the others of the shards they encoded; all zeros when the encodings of the same
+    inputs were there already).
   """
-  one_pass = dataclasses.replace(loader_config, shuffle=False, flip=False, caption_dropout=0.0,
-                                 crop='center', num_epochs=1, batch_size=1, precomputed=False)
-  config = PrecomputedConfig(name=name, loader_config=one_pass, vae=vae, text_encoder=text_encoder,
-                             dtype=dtype, batch_size=batch_size)
-  loader = pipeline.Loader(one_pass, tokenizer, process_index=0, process_count=1,
-                           keep_captions=True)  # first: a shapes dataset may be built on demand
-  inputs = _inputs(one_pass, tokenizer, vae, text_encoder, dtype)
-  builder = Precomputed(config=config, data_dir=data_dir, file_format='array_record')
-  record = epath.Path(builder.data_dir) / _INPUTS  # the workdir may be gs://
-  if (epath.Path(builder.data_dir) / 'dataset_info.json').exists():
-    old = builders.read_record(record)
-    changed = (_differences(old, inputs) if old
-               else ['no record of its inputs: made by an older version, or interrupted'])
-    if not changed:
-      return f'precomputed/{name}', loader.stats
+  job = plan(loader_config, tokenizer, vae, text_encoder, data_dir, name, dtype, shard_size)
+  if is_finished(job):
+    return job.dataset_name, pipeline.Counter.empty()
+  index, count = jax.process_index(), jax.process_count()
+  if index == 0:
+    start(job)
+  distributed.barrier(f'precompute_{name}_start')
+  devices = devices or jax.local_devices()
+  stats = encode_shards.encode(job, batch_size or 8 * len(devices), index, count, devices,
+                               pad_to_batch)
+  distributed.barrier(f'precompute_{name}_encoded')
+  if index == 0:
+    stats = finalize(job)
+  distributed.barrier(f'precompute_{name}_done')
+  return job.dataset_name, stats
+
+
+def is_finished(job):
+  """Whether the dataset is there, encoded from the same inputs."""
+  if not (job.version_dir / 'dataset_info.json').exists():
+    return False
+  old = builders.read_record(job.version_dir / _INPUTS)
+  return bool(old) and not _differences(old, job.inputs)
+
+
+def start(job):
+  """Process 0, before any shard: keeps the finished shards of an interrupted run of the same
+  inputs, else deletes what is there (with the reason) and records this run's inputs."""
+  run = job.run_record()
+  progress = builders.read_record(job.progress_dir / _RUN)
+  if progress and not _differences(progress, run):
+    done = len(job.finished_shards())
+    logging.info('%s: resuming an interrupted encoding, %d of %d shards done', job.dataset_name,
+                 done, job.num_shards)
+    return
+  if job.version_dir.exists():
+    old = builders.read_record(job.version_dir / _INPUTS)
+    if (job.version_dir / 'dataset_info.json').exists() and old:
+      changed = _differences(old, job.inputs)
+    elif progress:
+      changed = _differences(progress, run)
+    else:
+      changed = ['no record of its inputs: made by an older version, or interrupted']
     # A derived cache: encode again rather than train on encodings of something else.
-    logging.warning('precomputed/%s in %s is stale (%s): deleting it and encoding again', name,
-                    data_dir, '; '.join(changed))
-    epath.Path(builder.data_dir).rmtree()
-    builder = Precomputed(config=config, data_dir=data_dir, file_format='array_record')
-  config.batches = _rebatch(loader, batch_size)
-  builder.download_and_prepare()
-  record.write_text(json.dumps(inputs, indent=1))
-  return f'precomputed/{name}', loader.stats
+    logging.warning('%s in %s is stale (%s): deleting it and encoding again', job.dataset_name,
+                    job.data_dir, '; '.join(changed))
+    job.version_dir.rmtree()
+  job.progress_dir.mkdir(parents=True, exist_ok=True)
+  _write_json(job.progress_dir / _RUN, run)
+
+
+def finalize(job):
+  """Process 0, once every shard is in place: writes `sizes.npy`, the tfds metadata and, last,
+  `inputs.json`; removes the run's progress records. Returns the stats of all shards.
+
+  Raises:
+    RuntimeError: a shard is missing (a process failed): run again, the rest is kept.
+  """
+  done = [builders.read_record(job.done_path(k)) for k in range(job.num_shards)]
+  missing = [k for k, d in enumerate(done) if d is None]
+  if missing:
+    raise RuntimeError(f'{len(missing)} of {job.num_shards} shards of {job.dataset_name} are not '
+                       f'encoded (the first: {missing[0]}): run the encoding again; the finished '
+                       'shards are kept')
+  sizes = np.array([s for d in done for s in d['sizes']], np.int32).reshape(-1, 2)
+  with (job.version_dir / buckets_lib.SIZES_FILE).open('wb') as f:
+    np.save(f, sizes)  # (width, height) in pixels, in record order: buckets without reading
+  split = tfds.core.SplitInfo(name=job.split, shard_lengths=[d['length'] for d in done],
+                              num_bytes=sum(d['num_bytes'] for d in done))
+  # disable_shuffling keeps the order: record i is the i-th source record encoded.
+  tfds.folder_dataset.write_metadata(
+      data_dir=job.version_dir, features=job.features, split_infos=[split],
+      filename_template=job.filename_template, check_data=False, disable_shuffling=True,
+      description=f'VAE moments and text states of {job.config.name}')
+  (job.version_dir / _INPUTS).write_text(json.dumps(job.inputs, indent=1))
+  job.progress_dir.rmtree()
+  stats = pipeline.Counter.empty()
+  for d in done:
+    stats = {k: stats[k] + d['stats'].get(k, 0) for k in stats}
+  logging.info('%s: %d records in %d shards (%s)', job.dataset_name, len(sizes), job.num_shards,
+               ', '.join(f'{k} {v}' for k, v in stats.items() if v))
+  return stats
+
+
+def _write_json(path, value):
+  """Writes `value` as JSON to `path` under a temporary name first: never a half-written file."""
+  partial = path.parent / (path.name + '.partial')
+  partial.write_text(json.dumps(value, indent=1))
+  partial.replace(path)
 
 
 def _inputs(one_pass, tokenizer, vae, text_encoder, dtype):
@@ -143,7 +297,7 @@ def _inputs(one_pass, tokenizer, vae, text_encoder, dtype):
       'loader': loader, 'vae': _network_digest(vae),
       'text_encoder': 'none' if text_encoder is None else _network_digest(text_encoder),
       'tokenizer': tokenizer_lib.digest(tokenizer), 'dtype': np.dtype(dtype).name,
-      'format': str(Precomputed.VERSION),
+      'format': _VERSION,
   }
 
 
@@ -192,31 +346,19 @@ def _flat(record):
   return out
 
 
-def _rebatch(loader, batch_size):
-  """Groups the loader's single-example batches, keeping the last partial group."""
-  group = []
-  for batch in loader:
-    group.append(batch)
-    if len(group) == batch_size:
-      yield _concatenate(group)
-      group = []
-  if group:
-    yield _concatenate(group)
-
-
-def _concatenate(group):
-  return {k: np.concatenate([b[k] for b in group]) for k in ('image', 'input_ids', 'caption')}
-
-
 def for_training(loader_config, tokenizer, vae, text_encoder, directory):
   """Encodes the training split of `loader_config` once into `directory` (a second call with the
   same inputs finds it there; with others it encodes again) and returns the LoaderConfig that
-  trains from it, with the same batches and dropout."""
+  trains from it, with the same batches and dropout.
+
+  It encodes as this function always has, for runs that repeat bit for bit: batches of 64 on one
+  device, the last one unpadded (XLA's CPU results depend on the batch size per device).
+  """
   if loader_config.flip or loader_config.crop == 'random':
     logging.warning('precomputed latents are encoded once, from center crops without flips: '
                     'data.flip and random crops no longer apply')
   name, stats = precompute(loader_config, tokenizer, vae, text_encoder, directory, 'train',
-                           batch_size=64)
+                           batch_size=64, devices=jax.local_devices()[:1], pad_to_batch=False)
   logging.info('training from precomputed latents %s in %s (%s)', name, directory,
                stats if stats['ok'] else 'encoded before from the same inputs')
   return dataclasses.replace(loader_config, name=name, data_dir=directory, precomputed=True,

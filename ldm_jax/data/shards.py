@@ -7,6 +7,10 @@ shard's index (where its records are) is built once and cached beside the shard 
 is writable, else under `$XDG_CACHE_HOME/ldm_jax/index` (~/.cache/ldm_jax/index, a file named
 after a digest of the shard's absolute path). A cache holds the shard's name, size and
 modification time and is rebuilt when they change.
+
+An index also holds each record's image size (width, height) as it will be decoded, EXIF
+orientation applied, read from the image's header (`image_size`): aspect-ratio buckets need it
+before anything is decoded.
 """
 
 import concurrent.futures
@@ -17,13 +21,23 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 
 import numpy as np
+from PIL import Image
 
 SCHEMES = ('webdataset', 'parquet')
 INDEX_SUFFIX = '.ldm_jax_index.npz'
-INDEX_VERSION = 1  # bump when an index's arrays change meaning: older caches are rebuilt
+INDEX_VERSION = 2  # bump when an index's arrays change meaning: older caches are rebuilt
+# (2: each record's image size)
+HEADER_BYTES = 16 << 10  # an image's first bytes read for its header; most headers fit
+UNKNOWN_SIZE = (-1, -1)  # the size of an image whose header cannot be read
+_ORIENTATION = 0x0112  # the EXIF tag; 5-8 turn the image a quarter: width and height swap
+# What a header that cannot be parsed raises (Image.open maps most to UnidentifiedImageError;
+# EXIF and XMP parsing can raise the rest).
+_HEADER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+                  struct.error, Image.DecompressionBombError)
 _BRACE = re.compile(r'\{([^{}]*)\}')
 _RANGE = re.compile(r'(\d+)\.\.(\d+)')
 _MAX_SHARDS_SHOWN = 5
@@ -139,6 +153,38 @@ def display_names(paths):
     return [os.path.basename(paths[0])]
   common = os.path.commonpath([os.path.dirname(p) for p in paths])
   return [os.path.relpath(p, common) for p in paths]
+
+
+def image_size(data):
+  """(width, height) of encoded image `data` as it will be decoded (EXIF orientation applied),
+  from its header alone; UNKNOWN_SIZE when the header cannot be read (the decode will fail too,
+  and skip the record)."""
+  return _header_size(data) or UNKNOWN_SIZE
+
+
+def image_size_at(read, size):
+  """`image_size` of an image of `size` bytes of which `read(n)` gives the first n: reads its
+  first HEADER_BYTES, and all of it only when the header runs past them (large ICC profiles or
+  EXIF thumbnails, TIFFs with their directory at the end, WebP)."""
+  head = read(min(size, HEADER_BYTES))
+  found = _header_size(head)
+  if found is None and size > len(head):
+    found = _header_size(read(size))
+  return found or UNKNOWN_SIZE
+
+
+def _header_size(data):
+  """(width, height), EXIF orientation applied, of the image `data` starts with; None when its
+  header cannot be read from `data`."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      width, height = img.size
+      # The base method reads the EXIF the header holds: PNG's own decodes the whole image to
+      # look for an eXIf chunk after the pixels (rare: PNG writers put it first).
+      orientation = Image.Image.getexif(img).get(_ORIENTATION, 1)
+  except _HEADER_ERRORS:
+    return None
+  return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def cache_dir():

@@ -7,6 +7,9 @@ caption its .txt member. Each tar is indexed once (where every sample's image an
 lie: tarfile's offset_data and size), the index cached (`shards.cached_index`); a record is then
 two plain reads at those offsets, in any order, from any process.
 
+The index also holds each sample's image size (`Source.sizes`, for aspect-ratio buckets), read
+from the image member's header: its first 16 KiB, all of it only when the header runs past them.
+
 Samples without an image member are left out at indexing and counted (`Source.stats`, logged
 once); samples without a caption get the empty caption, which trains the unconditional model
 unless `data.skip_empty_captions` (the loader counts those it skips).
@@ -50,8 +53,10 @@ def index_tar(path):
 
   Returns:
     A dict of numpy arrays: 'keys' (n,) bytes; 'image' (n, 2) and 'caption' (n, 2) int64 as
-    (offset, size), the caption's offset -1 when it has none; 'no_image' (the number of samples
-    left out for want of an image member) and 'no_image_keys' (the first few of them).
+    (offset, size), the caption's offset -1 when it has none; 'sizes' (n, 2) int32, the image's
+    (width, height) as decoded, (-1, -1) where its header cannot be read; 'no_image' (the number
+    of samples left out for want of an image member) and 'no_image_keys' (the first few of
+    them).
 
   Raises:
     ValueError: the file is compressed, not a tar, or truncated (each named, with the fix).
@@ -70,9 +75,11 @@ def index_tar(path):
     raise ValueError(_damaged(path, problem))
   kept = [s for s in samples if s[1] is not None]
   no_image = [s[0] for s in samples if s[1] is None]
+  image = np.array([s[1] for s in kept], np.int64).reshape(-1, 2)
   return {
       'keys': np.array([s[0].encode() for s in kept], dtype=bytes),
-      'image': np.array([s[1] for s in kept], np.int64).reshape(-1, 2),
+      'image': image,
+      'sizes': _image_sizes(path, image),
       'caption': np.array([s[2] or (-1, 0) for s in kept], np.int64).reshape(-1, 2),
       'no_image': np.array(len(no_image)),
       'no_image_keys': np.array([k.encode() for k in no_image[:5]], dtype=bytes),
@@ -96,6 +103,18 @@ def _samples(tar):
     elif samples[-1][2] is None and ext.lower() == CAPTION_EXTENSION:
       samples[-1][2] = where
   return samples
+
+
+def _image_sizes(path, image):
+  """(n, 2) int32 (width, height) of the images at `image`'s (offset, size) in tar `path`, from
+  their headers."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    sizes = [shards.image_size_at(lambda n, at=int(at): os.pread(fd, n, at), int(size))
+             for at, size in image]
+  finally:
+    os.close(fd)
+  return np.array(sizes, np.int32).reshape(-1, 2)
 
 
 def _end_problem(path, end):
@@ -163,11 +182,13 @@ class Source:
     self._keys = np.concatenate([ix['keys'] for ix in indexes])
     self._image = np.concatenate([ix['image'] for ix in indexes])
     self._caption = np.concatenate([ix['caption'] for ix in indexes])
+    self._sizes = np.concatenate([ix['sizes'] for ix in indexes])
     no_image = [f'{self.names[i]}:{k.decode()}' for i, ix in enumerate(indexes)
                 for k in ix['no_image_keys']]
     self.stats = {'shards': len(self.paths), 'samples': len(self._keys),
                   'no_image': int(sum(int(ix['no_image']) for ix in indexes)),
-                  'no_caption': int((self._caption[:, 0] < 0).sum())}
+                  'no_caption': int((self._caption[:, 0] < 0).sum()),
+                  'unknown_size': int((self._sizes[:, 0] < 0).sum())}
     _log_stats(self.stats, no_image)
     if not len(self._keys):
       raise ValueError(f'the {len(self.paths)} webdataset shards hold no sample with an image '
@@ -177,6 +198,11 @@ class Source:
 
   def __len__(self):
     return len(self._keys)
+
+  def sizes(self):
+    """(n, 2) int32: each sample's image (width, height) as it will be decoded (EXIF orientation
+    applied), from the index; (-1, -1) where the header cannot be read (the decode skips it)."""
+    return self._sizes
 
   def __getitem__(self, index):
     index = int(index)
@@ -235,6 +261,9 @@ def _log_stats(stats, no_image):
     logging.warning('%d webdataset samples have no image member (%s) and are left out: %s',
                     stats['no_image'], ', '.join(IMAGE_EXTENSIONS), ', '.join(no_image[:5])
                     + (', ...' if stats['no_image'] > 5 else ''))
+  if stats['unknown_size']:
+    logging.warning('%d webdataset samples have an image whose header cannot be read: they will '
+                    'not decode, and are skipped when read', stats['unknown_size'])
   if stats['no_caption']:
     logging.info('%d webdataset samples have no .%s caption: they get the empty caption (trained '
                  'unconditional; data.skip_empty_captions=True skips them)', stats['no_caption'],

@@ -14,8 +14,12 @@ $(RUNTIME): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $(RUNTIME)
 
+# torch-fidelity (the FID/KID test oracle) declares torchvision, whose wheels here are CUDA builds
+# that replace the CPU torch: so it is not in the test extra but installed --no-deps (it needs only
+# numpy, pillow, torch and tqdm, all there by then).
 $(TESTING): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0
 	touch $(RUNTIME) $(TESTING)
 
 setup: $(TESTING)

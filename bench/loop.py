@@ -65,13 +65,12 @@ def measure(config, workdir, *, bare_steps, loop_steps):
   """
   from ldm_jax import sharding  # pylint: disable=g-import-not-at-top
   from ldm_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from ldm_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config.num_steps = 2 + bare_steps // 2 + loop_steps
   r = loop.setup(config, workdir)
   batch = sharding.put_batch(next(r.loader), r.mesh)
   t0 = time.perf_counter()
-  r.compiled, _ = step_lib.compile_ahead(r.update, r.state, r.frozen, batch, r.rng)
+  loop.compiled_step(r, r.state, batch)
   compile_s = time.perf_counter() - t0
   first = _bare_steps(r, batch, 2 + bare_steps // 2, warmup=2)
   loop.run(r)
@@ -97,11 +96,12 @@ def _bare_steps(r, batch, steps, warmup=0):
   from ldm_jax.train import loop  # pylint: disable=g-import-not-at-top
   block = loop.blocks_each_step()  # as the loop does
   state = r.state
+  step = loop.compiled_step(r, state, batch)
   for i in range(steps):
     if i == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    state, metrics = r.compiled(state, r.frozen, batch, r.rng)
+    state, metrics = step(state, r.frozen, batch, r.rng)
     if block:
       jax.block_until_ready(metrics)
   jax.block_until_ready(state)

@@ -73,6 +73,7 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   c.stage = stage
   c.model = model(preset)
   c.init = ''  # a diffusers folder to start from (load_diffusers)
+  c.init_unet = True  # False: only the VAE and text encoder come from `init`, the U-Net is new
   c.resume = ''  # another run's workdir or checkpoints directory to take the state from
   c.vae_workdir = ''  # ldm stage: the frozen VAE from a vae-stage run (its EMA weights)
   c.precompute_latents = False  # ldm stage: encode the data once into <workdir>/precomputed
@@ -96,6 +97,7 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   })
   c.clip = ml_collections.ConfigDict({  # the clip stage's image tower and embedding width
       'image_preset': 'tiny', 'projection_dim': 64,
+      'pooling': 'mean',  # the tower's image embedding: 'mean' of the patch tokens, or 'cls' (CLIP)
   })
   c.data = ml_collections.ConfigDict({
       'name': data_name, 'data_dir': data_dir, 'split': 'train', 'image_key': 'image',
@@ -107,6 +109,9 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
       'prefetch': 2,  # batches made and placed on the devices ahead of the step (0: none)
       # grain's reading threads (None: 16 for images, 0 for precomputed records)
       'read_threads': ml_collections.config_dict.placeholder(int),
+      # aspect-ratio buckets: None (squares of `resolution`), 'auto' (resolution^2 area in 64 px
+      # steps), 'sdxl' (SDXL's 1024^2 set) or 'WxH,WxH,...' (ldm_jax/data/buckets.py)
+      'buckets': ml_collections.config_dict.placeholder(str),
   })
   c.optim = ml_collections.ConfigDict({
       'name': 'adamw', 'lr': 1e-4, 'warmup_steps': 500, 'schedule': 'constant',
@@ -130,6 +135,17 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
   c.sample = ml_collections.ConfigDict({  # previews every sample_every steps
       'prompts': ['a red circle'], 'steps': 25, 'sampler': 'ddim', 'guidance': 4.0,
   })
+  c.eval = ml_collections.ConfigDict({  # in-training evaluation (ldm_jax/train/evaluate.py)
+      'target': '',  # printed with each evaluation, e.g. 'fid<=90,clip_cosine>=0.15' (MLPerf)
+      'every': 0,  # steps between evaluations, and at the last step (0: none)
+      'metrics': 'fid,clip',  # comma-separated: shapes, fid, clip
+      'prompts_file': '',  # one prompt per line ('': the shapes prompts, or the data's captions)
+      'num_images': 64,  # prompts repeated or cut to this many (0: the file's count)
+      'batch_size': 16, 'steps': 25, 'sampler': 'dpmpp_2m', 'guidance': 7.5, 'seed': 0,
+      'fid_stats': '',  # reference statistics: a pytorch-fid / clean-fid .npz (mu, sigma)
+      'inception': '',  # the FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+      'clip': '',  # a transformers CLIPModel folder or an open_clip checkpoint
+  })
   c.num_steps = 10000
   c.log_every = 50
   c.ckpt_every = 1000
@@ -143,9 +159,11 @@ def training(stage, preset, data_name, data_dir, resolution, batch_size):
 
 
 def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
-  """The SD 1.x/2.x ldm config: ':finetune' (default), ':scratch', ',runlocal' (see sd15.py)."""
+  """The SD 1.x/2.x ldm config: ':finetune' (default), ':scratch', ',runlocal' (see sd15.py),
+  and for SD 2 ':mlperf' (`mlperf`)."""
+  mlperf_flag = ('mlperf',) if preset == 'sd21' else ()  # MLPerf's benchmark trains SD 2
   args = variants(f'configs/{preset}.py', arg, 'finetune',
-                  flags=('finetune', 'scratch', 'runlocal'))
+                  flags=('finetune', 'scratch') + mlperf_flag + ('runlocal',))
   if {'finetune', 'scratch'} <= set(args):
     raise ValueError(f'configs/{preset}.py:{arg}: choose finetune or scratch, not both')
   c = training('ldm', preset, 'image_folder/my_images', 'data', resolution=resolution,
@@ -165,6 +183,8 @@ def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
     c.optim.warmup_steps = 10000  # the CompVis recipe's LambdaLinear warm-up
     c.text_encoder.trainable = True
     c.num_steps = 500000
+  if 'mlperf' in args:
+    mlperf(c)
   if 'runlocal' in args:  # the whole loop in seconds on CPU
     c.model.preset = 'tiny'
     c.model.dtype = 'float32'
@@ -182,3 +202,29 @@ def stable_diffusion(preset, resolution, prediction_type, arg='finetune'):
     c.ckpt_every = 2
     c.sample_every = 0
   return c
+
+
+def mlperf(c):
+  """MLPerf Training's Stable Diffusion benchmark (mlcommons/training stable_diffusion,
+  train_512_moments.yaml): the SD 2 U-Net (865.9M) from scratch at 512 px with the v objective,
+  the frozen VAE and OpenCLIP-H of the `init` folder (stable-diffusion-2-base), AdamW at
+  1.25e-7 x the global batch of 512 with 10,000 linear warm-up steps, no gradient clipping, no
+  EMA; evaluated on COCO-2014 captions with 50 DDIM steps at guidance 8 (FID against the
+  val2014 30k statistics, CLIP score with ViT-H/14): target FID <= 90 and CLIP >= 0.15."""
+  c.init_unet = False
+  c.diffusion.prediction_type = 'v_prediction'
+  c.text_encoder.trainable = False
+  c.data.resolution = 512
+  c.data.batch_size = 512
+  c.data.crop, c.data.flip = 'center', False
+  c.optim.lr = 1.25e-7 * c.data.batch_size
+  c.optim.warmup_steps = 10000
+  c.optim.weight_decay = 0.01  # torch's AdamW default, which the reference uses
+  c.optim.clip_norm = 0.0
+  c.ema.decay = 0.0  # no EMA: the evaluated weights are the trained ones
+  c.num_steps = 100000  # the benchmark stops when the evaluation reaches the target
+  c.ckpt_every = 1000
+  c.sample_every = 0
+  c.eval.update(every=1000, metrics='fid,clip', num_images=30000, batch_size=64,
+                sampler='ddim', steps=50, guidance=8.0, target='fid<=90,clip_cosine>=0.15')
+

@@ -67,6 +67,9 @@ def get_config(arg='ldm'):
   c.sample.prompts = ['a red circle', 'a blue square', 'a green triangle', 'a yellow circle',
                       'a red triangle', 'a blue circle']  # the last two are held out
   c.sample.steps = 20
+  if stage == 'ldm':  # prompt fidelity while training (metrics.jsonl, TensorBoard, eval/)
+    c.eval.update(every=500, metrics='shapes', num_images=48, batch_size=48, steps=25,
+                  sampler='dpmpp_2m', guidance=4.0)  # each of the 24 combinations twice
   if 'runlocal' in args:  # seconds, not minutes: a smoke run of the whole loop
     c.data.name = 'shapes/s32_n64_h16_seed0'
     c.data.batch_size = 8
@@ -76,4 +79,5 @@ def get_config(arg='ldm'):
     c.sample_every = 4
     c.sample.steps = 2
     c.sample.prompts = ['a red circle', 'a blue square']
+    c.eval.every = 0
   return c

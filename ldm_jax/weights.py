@@ -98,6 +98,13 @@ def ldm_weights(config, train_text):
   if config.init:  # fine-tuning: the networks are the folder's, as they were trained
     init = load_init(config)
     frozen = {'vae': init.vae[1]}
+    if not config.get('init_unet', True):  # a new U-Net of the folder's layout, the config's noise
+      if train_text:
+        raise ValueError('init_unet=False trains a new U-Net over the init folder\'s frozen VAE '
+                         'and text encoder: set --config.text_encoder.trainable=False')
+      frozen['text_encoder'] = init.text_encoder[1]
+      return LDMWeights(init.unet[0], init.vae[0], init.text_encoder[0],
+                        scheduler_config(config.diffusion), frozen, None)
     pretrained = {'unet': init.unet[1]}
     (pretrained if train_text else frozen)['text_encoder'] = init.text_encoder[1]
     return LDMWeights(init.unet[0], init.vae[0], init.text_encoder[0],

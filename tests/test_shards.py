@@ -1,9 +1,11 @@
 """Shards read in place: webdataset tars and parquet files against a tfds folder build of the same
-images; exact resume, host partitions, bad samples, the index cache and the errors for bad names.
+images; exact resume, host partitions, bad samples, record sizes, the index cache, the errors for
+bad names, and train.py's loop trained and resumed from shards.
 
 One small dataset, made here: 40 images of mixed aspect ratios (JPEG and PNG, 24-64 px), two of
-them corrupt, one sample without a caption, plus one sample without an image (webdataset: only
-.txt and .json members; parquet: a null image, as img2dataset writes a failed download).
+them corrupt, one an EXIF-rotated JPEG, one sample without a caption, plus one sample without an
+image (webdataset: only .txt and .json members; parquet: a null image, as img2dataset writes a
+failed download).
 """
 
 import io
@@ -12,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 
 import numpy as np
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ldm_jax import checkpoint
 from ldm_jax import tokenizer as tokenizer_lib
 from ldm_jax.data import builders
 from ldm_jax.data import pipeline
@@ -27,10 +31,18 @@ from ldm_jax.data import shards
 from ldm_jax.data import sources
 from ldm_jax.data import webdataset
 from ldm_jax.tokenizer import build as tokenizer_build
+from ldm_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs
+# test_train's shapes build (a module-scoped fixture: built once here too) and tiny configs.
+import test_train  # pylint: disable=wrong-import-position
+from test_train import data_dir  # pylint: disable=unused-import,wrong-import-position
 
 N = 40
 CORRUPT = (7, 23)  # bytes that do not decode
 NO_CAPTION = 12
+ROTATED = 9  # a JPEG stored turned a quarter, with EXIF orientation 6 to turn it back
 SIZES = ((32, 48), (64, 32), (48, 48), (40, 24), (24, 56))  # (width, height)
 WDS, PARQUET = 'webdataset:shards/{00000..00002}.tar', 'parquet:parquet/*.parquet'
 
@@ -42,8 +54,13 @@ def _image(i, rng):
                      for c in range(3)], -1)
   buf = io.BytesIO()
   fmt = 'PNG' if i % 4 == 0 else 'JPEG'
-  Image.fromarray((pixels + rng.integers(0, 8, pixels.shape)).clip(0, 255).astype(np.uint8)).save(
-      buf, fmt)
+  img = Image.fromarray((pixels + rng.integers(0, 8, pixels.shape)).clip(0, 255).astype(np.uint8))
+  if i == ROTATED:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the decode turns it 270 degrees, back to w x h
+    img.transpose(Image.Transpose.ROTATE_90).save(buf, fmt, exif=exif)
+  else:
+    img.save(buf, fmt)
   data = buf.getvalue()
   if i in CORRUPT:
     data = data[:40] if i == CORRUPT[0] else b'not an image at all'
@@ -214,6 +231,72 @@ def test_two_hosts_partition_the_records(data, tok, name):
                                                      if i not in CORRUPT + (NO_CAPTION,)])
 
 
+def _size(i):
+  """The (width, height) record `i` decodes to; (-1, -1) for a corrupt one."""
+  return (-1, -1) if i in CORRUPT else SIZES[i % len(SIZES)]
+
+
+def _no_headers(*args):
+  raise AssertionError(f'an image header was read: {args!r:.60}')
+
+
+@pytest.mark.parametrize('name', [WDS, PARQUET])
+def test_record_sizes_are_indexed_from_the_headers(data, name, monkeypatch):
+  """Mixed aspect ratios, the EXIF-rotated JPEG as decoded, (-1, -1) for the corrupt ones; read
+  once, then from the cached index."""
+  data_dir, _ = data
+  source = sources.data_source(name, 'train', data_dir)
+  sizes = source.sizes()
+  assert sizes.dtype == np.int32 and sizes.shape == (N, 2)
+  records = [int(source[i]['file_name'].split(':')[1]) for i in range(N)]
+  assert [tuple(map(int, s)) for s in sizes] == [_size(i) for i in records]
+  assert tuple(sizes[records.index(ROTATED)]) == SIZES[ROTATED % len(SIZES)]
+  assert source.stats['unknown_size'] == len(CORRUPT)
+  monkeypatch.setattr(shards, 'image_size', _no_headers)
+  monkeypatch.setattr(shards, 'image_size_at', _no_headers)
+  np.testing.assert_array_equal(sources.data_source(name, 'train', data_dir).sizes(), sizes)
+
+
+def test_parquet_sizes_come_from_img2dataset_columns(data, tmp_path, monkeypatch):
+  """img2dataset's width and height are taken without reading the images; a null one (written
+  with --disable_all_reencoding) from the header; a file with a 'width' but not img2dataset's
+  other size columns from the headers."""
+  data_dir, _ = data
+  table = pq.read_table(os.path.join(data_dir, 'parquet', '00000.parquet'))
+  keys = [int(k) if k.isdigit() else None for k in table.column('key').to_pylist()]
+  columns = {c: pa.array([None if i is None or (i == 3 and c in ('width', 'height'))
+                          else 10 * SIZES[i % len(SIZES)][c.endswith('height')] for i in keys],
+                         pa.int32())
+             for c in ('width', 'height', 'original_width', 'original_height')}
+  for c, values in columns.items():
+    table = table.append_column(c, values)
+  pq.write_table(table, str(tmp_path / 'sized.parquet'), row_group_size=16)
+  headers = []
+  real = shards.image_size
+  monkeypatch.setattr(shards, 'image_size', lambda data: headers.append(data) or real(data))
+  source = sources.data_source(f'parquet:{tmp_path}/sized.parquet', 'train', data_dir)
+  records = [int(source[i]['file_name'].split(':')[1]) for i in range(N)]
+  want = [_size(i) if i == 3 else tuple(10 * v for v in SIZES[i % len(SIZES)]) for i in records]
+  assert [tuple(map(int, s)) for s in source.sizes()] == want
+  assert len(headers) == 1  # the row with a null width and height
+  pq.write_table(table.drop_columns(['original_width', 'original_height']),
+                 str(tmp_path / 'other.parquet'))
+  other = sources.data_source(f'parquet:{tmp_path}/other.parquet', 'train', data_dir)
+  assert [tuple(map(int, s)) for s in other.sizes()] == [_size(i) for i in records]
+
+
+def test_image_size_reads_on_when_the_header_is_longer_than_its_first_bytes():
+  buf, exif = io.BytesIO(), Image.Exif()
+  exif[0x0112] = 8  # a quarter turn the other way: width and height swap
+  Image.new('RGB', (40, 24)).save(buf, 'JPEG', exif=exif,
+                                  icc_profile=bytes(3 * shards.HEADER_BYTES))  # past the first
+  data, reads = buf.getvalue(), []
+  read = lambda n: reads.append(n) or data[:n]
+  assert shards.image_size_at(read, len(data)) == (24, 40)
+  assert reads == [shards.HEADER_BYTES, len(data)]
+  assert shards.image_size_at(read, 40) == shards.UNKNOWN_SIZE == shards.image_size(b'GIF89a')
+
+
 def test_the_index_is_cached_and_rebuilt_when_a_shard_changes(data, tmp_path, monkeypatch):
   data_dir, _ = data
   folder = tmp_path / 'copy'
@@ -298,3 +381,66 @@ def test_preflight_checks_shard_names(data, tmp_path):
   with pytest.raises(preflight.ConfigError, match="no column 'photo' for data.image_key"):
     preflight.check(config, str(tmp_path / 'run'), num_devices=8)
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.fixture(scope='module')
+def shapes_shards(data_dir):  # pylint: disable=redefined-outer-name
+  """test_train's shapes build with its train records also as webdataset tars and a parquet
+  file (lossless PNGs): (data_dir, {kind: data.name})."""
+  source = sources.data_source(test_train.small_config(data_dir).data.name, 'train', data_dir)
+  samples = []
+  for i in range(len(source)):
+    buf = io.BytesIO()
+    Image.fromarray(source[i]['image']).save(buf, 'PNG')
+    samples.append((f'{i:09d}', 'png', buf.getvalue(), source[i]['caption'].decode()))
+  _write_tars(os.path.join(data_dir, 'shapes_tars'), samples)
+  _write_parquet(os.path.join(data_dir, 'shapes_parquet'), samples)
+  return data_dir, {'webdataset': 'webdataset:shapes_tars/*.tar',
+                    'parquet': 'parquet:shapes_parquet/*.parquet'}
+
+
+# The vae stage's step compiled once for the module: every run below has the same config but
+# its data name, so the same batch shapes and shardings (Run.compiled is keyed by the shapes).
+_COMPILED_STEPS = {}
+
+
+def _setup(config, workdir):
+  run = loop.setup(config, workdir)
+  run.compiled = _COMPILED_STEPS
+  return run
+
+
+def _position_after(run, steps):
+  """An uninterrupted loader's position after `steps` batches (the run's data config)."""
+  tok = tokenizer_lib.load_tokenizer(os.path.join(run.workdir, 'tokenizer'))
+  loader = pipeline.Loader(run.loader.config, tok)
+  for _ in range(steps):
+    next(loader)
+  return loader.get_state()
+
+
+@pytest.mark.parametrize('kind', ['webdataset', 'parquet'])
+def test_the_training_loop_trains_from_shards_and_resumes(shapes_shards, kind, tmp_path,
+                                                         monkeypatch):
+  """The vae stage (it trains from images, so the shard reader feeds every step) runs 2 steps,
+  then a second run to step 3 resumes at the checkpoint's data position: its position and data
+  stats at step 3 are an uninterrupted loader's."""
+  monkeypatch.setattr(loop.export, 'export', lambda *args: None)  # test_train's, 1 s a run
+  data_dir, names = shapes_shards
+  config = test_train.small_config(data_dir, 'vae', num_steps=2, ckpt_every=2)
+  config.data.name = names[kind]
+  batch = config.data.batch_size
+  first = _setup(config, str(tmp_path))
+  assert loop.run(first) == 2
+  step, position = checkpoint.read_checkpoint(str(tmp_path), 'data')
+  assert step == 2 and position == _position_after(first, 2)
+  assert position['stats']['ok'] == 2 * batch
+  config.num_steps = 3
+  resumed = _setup(config, str(tmp_path))
+  assert resumed.loader.get_state() == position  # the data position restored
+  assert loop.run(resumed) == 3
+  step, position = checkpoint.read_checkpoint(str(tmp_path), 'data')
+  assert step == 3 and position == _position_after(resumed, 3)
+  metrics = [m for m in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'loss' in m]
+  assert [m['step'] for m in metrics] == [1, 2, 3]
+  assert metrics[-1]['data']['ok'] == 3 * batch  # counted across the resume

@@ -185,12 +185,21 @@ def test_train_main_each_stage_then_sample_from_the_workdir(data_dir, tmp_path):
   assert os.path.isfile(tmp_path / 'vae' / 'export' / 'vae' / 'config.json')
   assert os.listdir(tmp_path / 'vae' / 'samples')  # the reconstruction grid
   out = _run('train.py', '--config', f'{config}:ldm,runlocal', '--workdir',
-             str(tmp_path / 'ldm'), f'--config.vae_workdir={tmp_path / "vae"}', *common)
+             str(tmp_path / 'ldm'), f'--config.vae_workdir={tmp_path / "vae"}', *common,
+             '--config.eval.every=2', '--config.eval.metrics=shapes,fid',  # fid: no weights given
+             '--config.eval.num_images=4', '--config.eval.batch_size=4', '--config.eval.steps=2')
   assert re.search(r'compiled the step in [\d.]+ s \((loaded from|compiled and written to) the '
                    'compilation cache', out), out[-3000:]
   assert re.search(r'training loop, per step [\d.]+ ms over 3 steps: waiting for the device', out)
-  metrics = [json.loads(l) for l in open(tmp_path / 'ldm' / 'metrics.jsonl')]
+  rows = [json.loads(l) for l in open(tmp_path / 'ldm' / 'metrics.jsonl')]
+  metrics = [m for m in rows if 'loss' in m]
   assert [m['step'] for m in metrics] == [1, 2, 3, 4]
+  # In-training evaluation at steps 2 and 4: prompt fidelity logged; fid left out with a warning.
+  evals = [m for m in rows if 'eval/shapes_fidelity_train' in m]
+  assert [m['step'] for m in evals] == [2, 4], rows
+  assert all(0 <= m['eval/shapes_fidelity_train'] <= 1 for m in evals)
+  assert 'eval: fid is left out: set eval.inception and eval.fid_stats' in out
+  assert sorted(os.listdir(tmp_path / 'ldm' / 'eval')) == ['step_000002.png', 'step_000004.png']
   assert {'loss', 'grad_norm', 'param_norm', 'update_norm', 'learning_rate', 'data',
           'host_ms'} <= set(metrics[-1])
   assert {'data', 'dispatch', 'device', 'wall'} <= set(metrics[-1]['host_ms'])
@@ -229,6 +238,7 @@ def test_unknown_config_key_lists_the_valid_ones(tmp_path):
 
 @pytest.mark.parametrize('spec', ['shapes.py:vae', 'shapes.py:ldm,runlocal', 'shapes.py:clip',
                                   'sd15.py', 'sd15.py:scratch,runlocal', 'sd21.py:finetune',
+                                  'sd21.py:mlperf',
                                   'tiny.py'])
 def test_every_config_has_every_group(spec):
   from ldm_jax import config_check  # pylint: disable=g-import-not-at-top
@@ -260,3 +270,24 @@ def test_precomputed_latents_train_like_images(data_dir, tmp_path, trainable_tex
   np.testing.assert_allclose(got, want, rtol=1e-5)
   if not trainable_text:  # computed while tracing, kept as a concrete array (not a tracer)
     assert np.asarray(stage.empty_context).shape == (1, config.data.max_length, 64)
+
+
+def test_init_unet_false_takes_only_the_frozen_networks_from_the_folder(monkeypatch):
+  """MLPerf's protocol: a new U-Net of the folder's layout and the config's noise schedule over
+  the folder's frozen VAE and text encoder."""
+  import types  # pylint: disable=g-import-not-at-top
+  from configs import sd21  # pylint: disable=g-import-not-at-top
+  init = types.SimpleNamespace(unet=('unet', 'U'), vae=('vae', 'V'), text_encoder=('te', 'T'),
+                               scheduler_config={'prediction_type': 'epsilon'})
+  monkeypatch.setattr(weights, 'load_init', lambda config: init)
+  config = sd21.get_config('mlperf')
+  config.init = '/models/stable-diffusion-2-base'
+  w = weights.ldm_weights(config, train_text=False)
+  assert w.pretrained is None and w.frozen == {'vae': 'V', 'text_encoder': 'T'}
+  assert (w.unet, w.vae, w.text_encoder) == ('unet', 'vae', 'te')
+  assert w.scheduler_config['prediction_type'] == 'v_prediction'  # the config's, not the folder's
+  with pytest.raises(ValueError, match='text_encoder.trainable=False'):
+    weights.ldm_weights(config, train_text=True)
+  config.init_unet = True  # fine-tuning: the folder's U-Net weights and schedule
+  w = weights.ldm_weights(config, train_text=False)
+  assert w.pretrained == {'unet': 'U'} and w.scheduler_config['prediction_type'] == 'epsilon'

@@ -189,19 +189,22 @@ def test_diffusion_mse_per_example_then_weighted_mean():
 
 
 def test_vit_image_encoder_shapes_and_sensitivity():
-  config = image_encoder.ImageEncoderConfig.tiny()
-  model = image_encoder.ViTImageEncoder(config)
+  # The clip stage's tower: CLIP's vision model (transformers' layout), mean-pooled.
+  config = image_encoder.VisionConfig.tiny(pooling='mean')
+  model = image_encoder.CLIPVisionModel(config)
   images = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
   params = _host_params(model, images)
-  assert params['position_embedding'].shape == (64, 64)
-  assert params['patch_embedding']['kernel'].shape == (4, 4, 3, 64)
+  assert params['embeddings']['position_embedding']['embedding'].shape == (65, 64)
+  assert params['embeddings']['patch_embedding']['kernel'].shape == (4, 4, 3, 64)
+  assert 'bias' not in params['embeddings']['patch_embedding']  # as in CLIP
+  assert params['embeddings']['class_embedding'].shape == (64,)
   assert set(params['encoder']) == {'layers_0', 'layers_1'}
   assert 'bias' not in params['visual_projection']
-  apply = jax.jit(model.apply)
-  out = apply({'params': params}, images)
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x).image_embeds)
+  out = apply(params, images)
   assert out.shape == (2, 64) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
-  changed = apply({'params': params}, images.at[0, :8, :8].set(1.0))
+  changed = apply(params, images.at[0, :8, :8].set(1.0))
   assert not np.allclose(changed[0], out[0], atol=1e-4)  # the changed image moves its embedding
   np.testing.assert_allclose(changed[1], out[1], atol=1e-6)  # and no other example's
   with pytest.raises(ValueError, match='takes 32x32'):

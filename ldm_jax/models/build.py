@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models import image_encoder
 from ldm_jax.models import text_encoder
 from ldm_jax.models import unet
 from ldm_jax.models import vae
@@ -48,6 +49,8 @@ def example_inputs(module, batch=1):
     return (jnp.zeros((batch, side, side, c.in_channels)),)
   if isinstance(module, text_encoder.CLIPTextModel):
     return (jnp.zeros((batch, c.max_position_embeddings), jnp.int32),)
+  if isinstance(module, image_encoder.CLIPVisionModel):
+    return image_encoder.example_inputs(c, batch)
   raise TypeError(f'not an ldm_jax network: {type(module).__name__}')
 
 

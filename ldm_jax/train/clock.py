@@ -7,10 +7,10 @@ import contextlib
 import time
 
 # The loop's phases, in the order summaries print them.
-PHASES = ('device', 'data', 'dispatch', 'log', 'checkpoint', 'preview')
+PHASES = ('device', 'data', 'dispatch', 'log', 'checkpoint', 'preview', 'eval')
 _WORDS = {'device': 'waiting for the device', 'data': 'waiting for data',
           'dispatch': 'dispatching the step', 'log': 'logging', 'checkpoint': 'checkpoints',
-          'preview': 'previews', 'other': 'other'}
+          'preview': 'previews', 'eval': 'evaluations', 'other': 'other'}
 
 
 class Clock:

@@ -21,8 +21,7 @@ class Previewer:
 
   def __init__(self, stage, workdir, mesh):
     self.stage = stage
-    self.mesh = mesh if jax.process_count() == 1 else sharding.make_mesh([('data', -1)],
-                                                                         jax.local_devices())
+    self.mesh = sampling_mesh(mesh)
     self.folder = os.path.join(workdir, 'samples')
     self._images = None  # a few training images, for stages that show what they make of them
 
@@ -43,6 +42,13 @@ class Previewer:
     path = os.path.join(self.folder, f'step_{step:06d}.png')
     Image.fromarray(grid).save(path)
     logging.info('preview: %s', path)
+
+
+def sampling_mesh(mesh):
+  """Where process 0 samples previews and evaluations: the run's mesh with one process, else its
+  own devices (the sampling pipeline is single-host code)."""
+  return mesh if jax.process_count() == 1 else sharding.make_mesh([('data', -1)],
+                                                                  jax.local_devices())
 
 
 def host_frozen(stage, frozen):

@@ -58,6 +58,18 @@ class Logger:
       print(self._progress_line(step, values), flush=True)
     return values
 
+  def log_eval(self, step, values, grid):
+    """An evaluation's metrics as their own metrics.jsonl row ({'step', 'eval/...'}) and
+    TensorBoard scalars, with the sample grid as a TensorBoard image."""
+    if not self.enabled:
+      return
+    self._file.write(json.dumps({'step': step, **values}) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.add_image('eval/samples', grid, step, dataformats='HWC')
+
   def _progress_line(self, step, values):
     line = f'step {step}/{self.num_steps} loss {values.get("loss", float("nan")):.4f}'
     if 'steps_per_s' in values:

@@ -19,6 +19,7 @@ from ldm_jax import weights
 from ldm_jax.data import pipeline
 from ldm_jax.data import prefetch
 from ldm_jax.train import clock as clock_lib
+from ldm_jax.train import evaluate
 from ldm_jax.train import export
 from ldm_jax.train import logger as logger_lib
 from ldm_jax.train import preflight
@@ -49,7 +50,8 @@ class Run:
   state: dict  # placed on the mesh: restored, pretrained or random
   ckpt: checkpoint.Checkpointer
   rng: jax.Array
-  compiled: Any = None  # `update` compiled for the state and batch shapes (by the first step)
+  # `update` compiled per batch shape (one, or one per aspect-ratio bucket met), at first sight
+  compiled: dict = dataclasses.field(default_factory=dict)
   clock: clock_lib.Clock = dataclasses.field(default_factory=clock_lib.Clock)
 
 
@@ -103,6 +105,7 @@ def run(r):
   log = logger_lib.Logger(r.workdir, c.num_steps, enabled=distributed.is_main(), start_step=done)
   reader = _MetricsReader(log, c, r.workdir, r.ckpt.latest_step(), r.clock)
   previewer = export.Previewer(r.stage, r.workdir, r.mesh)
+  evaluator = evaluate.Evaluator(r.stage, c, r.workdir, r.mesh)
   feed = prefetch.Prefetcher(r.loader, lambda b: sharding.put_batch(b, r.mesh),
                              r.loader.config.prefetch)
   state = r.state
@@ -126,6 +129,9 @@ def run(r):
         if c.sample_every and (done % c.sample_every == 0 or last):
           with r.clock.phase('preview'):
             previewer.preview(state['ema_params'], r.frozen, done)
+        if evaluator.due(done, last):
+          with r.clock.phase('eval'):
+            _evaluate(evaluator, log, state, r.frozen, done)
         if not r.clock.started:  # the first step compiled: the loop's own time starts now
           r.clock.start(done)
         if stop.requested:
@@ -140,25 +146,46 @@ def run(r):
   r.clock.input_ms = {'load': 1e3 * feed.load_s / max(feed.made, 1),
                       'place': 1e3 * feed.place_s / max(feed.made, 1)}
   logging.info('training loop, %s; the input thread spent %.1f ms loading and %.1f ms placing '
-               'each batch', r.clock.summary(), r.clock.input_ms['load'],
-               r.clock.input_ms['place'])
+               'each batch; the step was compiled for %d batch shape(s)', r.clock.summary(),
+               r.clock.input_ms['load'], r.clock.input_ms['place'], len(r.compiled))
   r.state = state  # the Run holds the trained state (its first state was donated to the step)
   if done == c.num_steps:
     export.export(r.stage, state, r.frozen, r.workdir, r.loader)
   return int(state['step'])
 
 
+def _evaluate(evaluator, log, state, frozen, step):
+  """Samples and scores the EMA weights (every process takes part); process 0 logs."""
+  result = evaluator.evaluate(state['ema_params'], frozen, step)
+  if result is not None:
+    log.log_eval(step, *result)
+
+
 def _step(r, state, batch):
   """One update on `batch` (compiling the step first if it is not yet); (state, metrics)."""
-  if r.compiled is None:  # before the first step: a step that cannot fit fails here
-    r.compiled, _ = step_lib.compile_ahead(r.update, state, r.frozen, batch.placed, r.rng)
-    distributed.barrier('ldm_jax_step_compiled')
+  step = compiled_step(r, state, batch.placed)
   with r.clock.phase('dispatch'):
-    state, metrics = r.compiled(state, r.frozen, batch.placed, r.rng)
+    state, metrics = step(state, r.frozen, batch.placed, r.rng)
   if blocks_each_step():
     with r.clock.phase('device'):
       jax.block_until_ready(metrics)
   return state, metrics
+
+
+def compiled_step(r, state, placed):
+  """The update compiled for the shapes of batch `placed`, compiled now if they are new (before
+  the first step, and at a new aspect-ratio bucket's first batch): a step that cannot fit
+  fails here. All hosts meet a bucket at the same step (buckets.Plan), so they compile
+  together."""
+  shapes = tuple((k, v.shape) for k, v in sorted(placed.items()))
+  if shapes not in r.compiled:
+    if r.compiled:
+      logging.info('a new batch shape (%s): compiling the step for it, %d shapes so far',
+                   ', '.join(f'{k} {"x".join(map(str, s))}' for k, s in shapes
+                             if len(s) > 2), len(r.compiled) + 1)
+    r.compiled[shapes], _ = step_lib.compile_ahead(r.update, state, r.frozen, placed, r.rng)
+    distributed.barrier('ldm_jax_step_compiled')
+  return r.compiled[shapes]
 
 
 def blocks_each_step():

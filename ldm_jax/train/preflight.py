@@ -92,7 +92,7 @@ def check(config, workdir, num_devices=None):
   problems = (_stage_problems(config) + _number_problems(config) + _choice_problems(config)
               + _batch_problems(config, num_devices) + _mesh_problems(config, num_devices)
               + _path_problems(config, workdir) + _source_problems(config)
-              + _data_problems(config))
+              + _data_problems(config) + _eval_problems(config))
   problem = config_check.folder_problem(workdir, '--workdir')
   if problem:
     problems.append(problem)
@@ -252,12 +252,37 @@ def _source_problems(config):
                       '--config.text_encoder.workdir=<a clip-stage workdir>, or train it jointly '
                       'with --config.text_encoder.trainable=True')
   if _get(config, 'precompute_latents') and jax.process_count() > 1:
-    problems.append('precompute_latents encodes the data in one process: encode it first on one '
-                    'host (ldm_jax.data.precompute), then train with data.precomputed=True and '
-                    '--config.precompute_latents=False')
+    problems.append('precompute_latents encodes the data inside one process: encode it first '
+                    'on all hosts with `python -m ldm_jax.data precompute --config <this config> '
+                    '--out DATA_DIR --name NAME` (it prints the flags that train from the result: '
+                    'data.precomputed=True), and set --config.precompute_latents=False')
   if _get(config, 'stage') != 'ldm' and _get(config, 'precompute_latents'):
     problems.append(f'precompute_latents is for the ldm stage, not {_get(config, "stage")!r}: '
                     'set --config.precompute_latents=False')
+  return problems
+
+
+def _eval_problems(config):
+  """The `eval` group, when evaluations are on (its missing weights only warn, at the start)."""
+  if not _get(config, 'eval.every', 0):
+    return []
+  from ldm_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  problems = []
+  for check in (evaluate.metric_names, lambda e: evaluate.parse_target(e.get('target', ''))):
+    try:
+      check(config.eval)
+    except ValueError as e:
+      problems.append(str(e))
+  if _get(config, 'eval.sampler') not in samplers.SAMPLERS:
+    problems.append(f'eval.sampler is {_get(config, "eval.sampler")!r}; choose one of '
+                    f'{", ".join(samplers.SAMPLERS)}')
+  prompts_file = _get(config, 'eval.prompts_file')
+  if prompts_file and not os.path.isfile(prompts_file):
+    problems.append(f'eval.prompts_file {prompts_file!r} does not exist: it must name a text '
+                    'file of prompts, one per line (or be empty)')
+  for key in ('eval.batch_size', 'eval.steps'):
+    if not (isinstance(_get(config, key), int) and _get(config, key) >= 1):
+      problems.append(f'{key} is {_get(config, key)!r}; it must be an integer >= 1')
   return problems
 
 

@@ -16,6 +16,7 @@ class Stage:
       `init_params` (random).
   """
   name = ''
+  samples = False  # whether `sample` makes images (in-training evaluation needs it)
 
   def __init__(self, config):
     self.config = config
@@ -48,6 +49,17 @@ class Stage:
     """
     del ema_params, frozen, images, mesh
     return None
+
+  def sample(self, ema_params, frozen, prompts, mesh, settings):
+    """uint8 (N, H, W, 3) images of `prompts` from the EMA weights (stages with `samples`).
+
+    Args:
+      ema_params, frozen: host trees of the EMA and the frozen weights.
+      prompts: N strings.
+      mesh: the mesh to sample on (this process's devices).
+      settings: the config's `eval` group (batch_size, steps, sampler, guidance, seed).
+    """
+    raise NotImplementedError(f'the {self.name} stage does not sample images')
 
   def export(self, ema_params, frozen, path, loader):
     """Writes the trained networks to `path` in a format others load (nothing by default)."""

@@ -23,20 +23,21 @@ class CLIPStage(base.Stage):
     self.text_encoder = text_encoder_lib.CLIPTextModel(
         dataclasses.replace(te.config, with_projection=True,
                             projection_dim=config.clip.projection_dim))
-    image_config = getattr(image_encoder.ImageEncoderConfig, config.clip.image_preset)(
-        image_size=config.data.resolution, projection_dim=config.clip.projection_dim)
-    self.image_encoder = image_encoder.ViTImageEncoder(image_config)
+    # The tower is CLIP's (transformers' layout), pooled as config.clip.pooling says.
+    image_config = getattr(image_encoder.VisionConfig, config.clip.image_preset)(
+        image_size=config.data.resolution, projection_dim=config.clip.projection_dim,
+        pooling=config.clip.pooling)
+    self.image_encoder = image_encoder.CLIPVisionModel(image_config)
 
   def init_params(self, rng):
     k_text, k_image = jax.random.split(rng)
-    size = self.image_encoder.config.image_size
+    inputs = image_encoder.example_inputs(self.image_encoder.config)
     return {'text_encoder': build.init_params(self.text_encoder, k_text),
-            'image_encoder': self.image_encoder.init(
-                k_image, jnp.zeros((1, size, size, 3)))['params'],
+            'image_encoder': self.image_encoder.init(k_image, *inputs)['params'],
             'logit_scale': jnp.asarray(losses.CLIP_INIT_LOGIT_SCALE, jnp.float32)}
 
   def loss(self, params, frozen, batch, keys, step):
     del frozen, keys, step
-    image_embeds = self.image_encoder.apply({'params': params['image_encoder']}, batch['image'])
+    image = self.image_encoder.apply({'params': params['image_encoder']}, batch['image'])
     text = self.text_encoder.apply({'params': params['text_encoder']}, batch['input_ids'])
-    return losses.clip_contrastive(image_embeds, text.text_embeds, params['logit_scale'])
+    return losses.clip_contrastive(image.image_embeds, text.text_embeds, params['logit_scale'])

@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax import convert
 from ldm_jax import tokenizer as tokenizer_lib
@@ -24,6 +25,7 @@ from ldm_jax.train.stages import base
 class LDMStage(base.Stage):
   """The latent diffusion U-Net (and, optionally, the text encoder trained jointly)."""
   name = 'ldm'
+  samples = True
 
   def __init__(self, config, tokenizer):
     super().__init__(config)
@@ -68,7 +70,8 @@ class LDMStage(base.Stage):
     `directory`, kept for a resumed run; returns the data config that reads it."""
     if jax.process_count() > 1:
       raise ValueError('precompute_latents runs in one process: encode the data first with '
-                       'ldm_jax.data.precompute on one host, then train with data.precomputed')
+                       '`python -m ldm_jax.data precompute` (all hosts), then train with '
+                       'data.precomputed=True')
     text = None if self.train_text else (self.text_encoder, self.frozen['text_encoder'])
     return precompute.for_training(data_config, self.tokenizer, (self.vae, self.frozen['vae']),
                                    text, directory)
@@ -130,16 +133,37 @@ class LDMStage(base.Stage):
   def preview(self, ema_params, frozen, images, mesh):
     """The config's `sample.prompts`, sampled from the EMA weights."""
     del images
-    s, components = self.config.sample, self.components(ema_params, frozen)
-    if self._pipeline is None:  # one pipeline: its compiled function is reused by every preview
+    s = self.config.sample
+    size = self.config.data.resolution
+    samples = self._sampler(ema_params, frozen, mesh).generate(
+        list(s.prompts), steps=s.steps, sampler=s.sampler, guidance_scale=s.guidance, seed=0,
+        height=size, width=size)
+    return outputs.make_grid(samples)
+
+  def sample(self, ema_params, frozen, prompts, mesh, settings):
+    """uint8 images of `prompts` from the EMA weights, `settings.batch_size` at a time (the last
+    batch padded: one compiled function), seeded `settings.seed` + batch index."""
+    sampler, size, n = self._sampler(ema_params, frozen, mesh), self.config.data.resolution, \
+        settings.batch_size
+    out = []
+    for k, start in enumerate(range(0, len(prompts), n)):
+      chunk = list(prompts[start:start + n])
+      images = sampler.generate(chunk + chunk[-1:] * (n - len(chunk)), steps=settings.steps,
+                                sampler=settings.sampler, guidance_scale=settings.guidance,
+                                seed=settings.seed + k, height=size, width=size)
+      out.append(images[:len(chunk)])
+    return np.concatenate(out)
+
+  def _sampler(self, ema_params, frozen, mesh):
+    """The sampling pipeline with these weights: one for the run, so that its compiled
+    functions are reused by every preview and evaluation."""
+    components = self.components(ema_params, frozen)
+    if self._pipeline is None:
       self._pipeline = pipeline.StableDiffusion(components, mesh)
     else:
       self._pipeline.set_weights(components.unet[1], components.vae[1],
                                  components.text_encoder[1])
-    size = self.config.data.resolution
-    samples = self._pipeline.generate(list(s.prompts), steps=s.steps, sampler=s.sampler,
-                                      guidance_scale=s.guidance, seed=0, height=size, width=size)
-    return outputs.make_grid(samples)
+    return self._pipeline
 
   def export(self, ema_params, frozen, path, loader):
     """The whole pipeline as a diffusers folder."""

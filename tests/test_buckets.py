@@ -148,15 +148,25 @@ def test_bucketed_loader_resumes_exactly_with_workers(data, tok):
 
 
 def test_two_hosts_take_the_same_bucket_and_disjoint_records(data, tok):
-  one = pipeline.Loader(_config(data, batch_size=4), tok, process_index=0, process_count=1,
-                        keep_captions=True)
-  hosts = [pipeline.Loader(_config(data, batch_size=4), tok, process_index=i, process_count=2,
-                           keep_captions=True) for i in range(2)]
-  for _ in range(13):  # one epoch
+  loader = lambda i, n: pipeline.Loader(_config(data, batch_size=4), tok, process_index=i,
+                                        process_count=n, keep_captions=True)
+  one, hosts = loader(0, 1), [loader(0, 2), loader(1, 2)]
+  after = []  # host 1's batches after its position at step 5
+  for step in range(16):  # into the second epoch (13 batches per epoch)
     whole, a, b = next(one), next(hosts[0]), next(hosts[1])
     assert a['image'].shape == b['image'].shape == (2,) + whole['image'].shape[1:]
     # The global batch is the two hosts' halves, in order: the plan depends on (seed, epoch) only.
     np.testing.assert_array_equal(np.concatenate([a['caption'], b['caption']]), whole['caption'])
+    if step == 5:
+      position = json.loads(json.dumps(hosts[1].get_state()))
+    elif step > 5:
+      after.append(b)
+  restored = loader(1, 2)  # a host restarted from its own checkpointed position
+  restored.set_state(position)
+  for want in after:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_an_epoch_is_planned_from_the_seed_and_reshuffled(data, tok):

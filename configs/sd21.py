@@ -23,7 +23,8 @@ the COCO captions (one per line) and statistics, the Inception and CLIP weights:
       --config.data.name='webdataset:/data/laion400m/{00000..00831}.tar' \
       --out /data/encoded --name laion400m_512 --dtype float16
   python -m ldm_jax.evaluation ref-stats --images /data/coco2014/val2014_512x512_30k \
-      --inception /models/pt_inception-2015-12-05-6726825d.pth --out /data/coco2014/val2014_30k_stats.npz
+      --inception /models/pt_inception-2015-12-05-6726825d.pth \
+      --out /data/coco2014/val2014_30k_stats.npz
   python train.py --config configs/sd21.py:mlperf --workdir runs/mlperf_sd \
       --config.init=/models/stable-diffusion-2-base \
       --config.data.name=precomputed/laion400m_512 --config.data.data_dir=/data/encoded \

@@ -129,7 +129,7 @@ LAYERS = [
 def _layer(module):
   if module == 'ldm_jax':
     return 0
-  if module.endswith('.__main__'):  # `python -m` commands: entry points, as train.py, never imported
+  if module.endswith('.__main__'):  # `python -m` commands: entry points (as train.py), not imported
     return len(LAYERS)
   for level, prefixes in enumerate(LAYERS):
     if any(module == p or module.startswith(p + '.') for p in prefixes):

@@ -81,7 +81,8 @@ def test_bucket_sets():
   problems = pipeline.LoaderConfig.problems({'name': 'x', 'data_dir': 'd', 'buckets': '33x32'})
   assert len(problems) == 1 and 'multiples of 8' in problems[0]
   # Nearest aspect ratio in log space; an unknown size goes to the squarest bucket.
-  chosen = buckets.assign([(100, 50), (50, 100), (60, 60), (-1, -1)], ((64, 32), (32, 64), (48, 48)))
+  chosen = buckets.assign([(100, 50), (50, 100), (60, 60), (-1, -1)],
+                          ((64, 32), (32, 64), (48, 48)))
   np.testing.assert_array_equal(chosen, [0, 1, 2, 2])
 
 

@@ -341,6 +341,10 @@ class Loader:
 
 def _bucketed(config, source, process, index, count):
   """(the buckets, this host's planned records, processed) for `data.buckets` (buckets.py)."""
+  if config.precomputed and buckets_lib.stored_sizes(config.name, config.data_dir) is None:
+    raise ValueError(f'{config.name} in {config.data_dir} keeps no {buckets_lib.SIZES_FILE} '
+                     '(it was encoded by an older version): encode it again with `python -m '
+                     'ldm_jax.data precompute`, or train from it without data.buckets')
   sizes = buckets_lib.record_sizes(source, config.name, config.data_dir, config.image_key)
   if config.precomputed:  # encoded at their buckets: the latents' shapes are the buckets
     buckets = tuple(sorted({(int(w), int(h)) for w, h in sizes}))
@@ -360,8 +364,9 @@ def _check_one_shape(config):
   """Raises when a precomputed dataset holds latents of several shapes (it was encoded with
   buckets) and `data.buckets` is off: its batches could not be stacked."""
   sizes = buckets_lib.stored_sizes(config.name, config.data_dir) if config.precomputed else None
-  if sizes is not None and len(np.unique(sizes, axis=0)) > 1:
-    raise ValueError(f'{config.name} was encoded with aspect-ratio buckets ({len(np.unique(sizes, axis=0))} '
+  kinds = 0 if sizes is None else len(np.unique(sizes, axis=0))
+  if kinds > 1:
+    raise ValueError(f'{config.name} was encoded with aspect-ratio buckets ({kinds} '
                      "image sizes): set data.buckets (e.g. 'auto'; the latents' own sizes are "
                      'used) to train from it')
 

@@ -65,7 +65,8 @@ def _inception_flags(parser):
                       '(pt_inception-2015-12-05-6726825d.pth, or safetensors)')
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--resize', default='tf1', choices=('tf1', 'pil_bicubic'),
-                      help="tf1: torch-fidelity's (the published numbers); pil_bicubic: clean-fid's")
+                      help="tf1: torch-fidelity's (the published numbers); pil_bicubic: "
+                           "clean-fid's")
   parser.add_argument('--dims', default='2048', choices=('64', '192', '768', '2048'),
                       help="the Inception features (pytorch-fid's --dims); 2048: the FID's")
 

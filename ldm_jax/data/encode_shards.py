@@ -14,7 +14,6 @@ from ldm_jax.data import pipeline
 
 P = jax.sharding.PartitionSpec
 _PROGRESS_EVERY_S = 10.0
-_READ_THREADS = 16  # when data.read_threads is None: decoding releases the GIL
 
 
 def encode(job, batch_size, process_index, process_count, devices=None, pad_to_batch=True):
@@ -92,11 +91,8 @@ class _Read:
 
 def _records(job, read, start, end, batch_size):
   """Source records [start, end) processed, in order, decoded ahead in threads."""
-  threads = _READ_THREADS if job.config.read_threads is None else job.config.read_threads
-  options = grain.ReadOptions(num_threads=threads,
-                              prefetch_buffer_size=max(2 * batch_size, threads) if threads else 0)
   ds = grain.MapDataset.range(start, end).seed(job.config.seed).random_map(read)
-  return ds.to_iter_dataset(options)
+  return ds.to_iter_dataset(pipeline.read_options(job.config, batch_size))
 
 
 class Encoder:

@@ -162,7 +162,7 @@ class ProcessRecord:
     """A precomputed record's token ids: stored (tokenized when it was encoded; its long captions
     were counted then) or tokenized now; the empty caption's when dropped."""
     if not self.stored_ids:
-      return self._tokenize(_text(record['caption']), drop)
+      return self._tokenize(as_text(record['caption']), drop)
     if drop:
       if self._empty_ids is None:
         self._empty_ids = self._tokenize('', True)['input_ids']
@@ -183,7 +183,7 @@ class ProcessRecord:
       if self.tokenizer is not None and 'caption' in record:
         out |= self._ids(record, drop)
       return out
-    caption = _text(record[c.caption_key])
+    caption = as_text(record[c.caption_key])
     width, height = size or (c.resolution, c.resolution)
     out = {'image': np.zeros((height, width, 3), np.uint8),
            'input_ids': np.zeros((c.max_length,), np.int32), 'drop': drop, 'status': OK,
@@ -213,13 +213,14 @@ class ProcessRecord:
     return out | {'image': np.asarray(img, np.uint8)} | self._tokenize(caption, drop)
 
 
-def _text(value):
+def as_text(value):
+  """A record's text value (bytes or str) as str."""
   return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
 def _record_name(record):
   """The record's file name when the dataset stores one (our folder datasets do)."""
-  return _text(record['file_name']) if 'file_name' in record else 'a record without file_name'
+  return as_text(record['file_name']) if 'file_name' in record else 'a record without file_name'
 
 
 class Counter:
@@ -303,7 +304,7 @@ class Loader:
       if config.shuffle:
         ds = ds.shuffle()  # reshuffled each epoch by repeat()
       ds = ds.repeat(config.num_epochs).random_map(self._process)
-    it = ds.to_iter_dataset(_read_options(config, config.batch_size // count))
+    it = ds.to_iter_dataset(read_options(config, config.batch_size // count))
     if config.worker_count > 0:
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (parsed under app.run)
         flags.FLAGS.mark_as_parsed()
@@ -384,7 +385,7 @@ def _stored_ids_match(config, tokenizer):
           and inputs.get('loader', {}).get('max_length') == config.max_length)
 
 
-def _read_options(config, batch_size):
+def read_options(config, batch_size):
   """grain's reading threads and buffer: threads decode images in parallel (Pillow releases the
   GIL); a precomputed record is only read and copied, and a thread pool's bookkeeping would cost 3x
   the reading itself. The buffer holds two batches: grain's default of 500 records costs 2x the

@@ -125,24 +125,29 @@ def fidelity(images, prompts):
           'both': float(hits.all(axis=1).mean()), 'n': len(prompts)}
 
 
-def evaluate_folder(folder):
-  """Prompt fidelity of a sample.py output folder, on training and held-out combinations.
+def fidelity_by_group(images, prompts):
+  """Prompt fidelity on training and on held-out colour/shape combinations.
 
   Returns:
     {'train': fidelity dict, 'holdout': fidelity dict} (a group without prompts is left out).
   """
+  groups = {'train': ([], []), 'holdout': ([], [])}
+  for image, prompt in zip(images, prompts):
+    group = 'holdout' if shapes_lib.is_holdout(*parse_prompt(prompt)) else 'train'
+    groups[group][0].append(image)
+    groups[group][1].append(prompt)
+  return {name: fidelity(*group) for name, group in groups.items() if group[1]}
+
+
+def evaluate_folder(folder):
+  """Prompt fidelity of a sample.py output folder (`fidelity_by_group`)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  groups = {'train': ([], []), 'holdout': ([], [])}
   with open(os.path.join(folder, 'samples.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      colour, shape = parse_prompt(record['prompt'])
-      group = 'holdout' if shapes_lib.is_holdout(colour, shape) else 'train'
-      groups[group][0].append(np.asarray(Image.open(os.path.join(folder, record['file']))))
-      groups[group][1].append(record['prompt'])
-  return {name: fidelity(images, prompts) for name, (images, prompts) in groups.items() if prompts}
+    records = [json.loads(line) for line in f]
+  images = [np.asarray(Image.open(os.path.join(folder, r['file']))) for r in records]
+  return fidelity_by_group(images, [r['prompt'] for r in records])
 
 
 def demo_prompts(per_combination=1):

@@ -20,12 +20,15 @@ import re
 from PIL import Image
 
 from ldm_jax import distributed
-from ldm_jax.models import inception
 from ldm_jax.convert import inception as convert_inception
+from ldm_jax.data import pipeline
+from ldm_jax.data import sources
 from ldm_jax.evaluation import clip_score
 from ldm_jax.evaluation import fid
 from ldm_jax.evaluation import shapes as shapes_eval
+from ldm_jax.models import inception
 from ldm_jax.sampling import outputs
+from ldm_jax.sampling import run
 from ldm_jax.train import export
 
 METRICS = ('shapes', 'fid', 'clip')
@@ -45,25 +48,19 @@ def prompts(eval_config, data_config):
   """The evaluation prompts: `eval.prompts_file` (one per line), else for shapes every
   colour/shape combination, else the first `eval.num_images` captions of the training data."""
   if eval_config.prompts_file:
-    with open(eval_config.prompts_file) as f:
-      lines = [line.strip() for line in f if line.strip()]
+    lines = run.read_prompts(prompts_file=eval_config.prompts_file)
     if not lines:
       raise ValueError(f'eval.prompts_file {eval_config.prompts_file!r} holds no prompt')
   elif 'shapes' in metric_names(eval_config):
     lines = shapes_eval.demo_prompts()
   else:
-    from ldm_jax.data import sources  # pylint: disable=g-import-not-at-top
     source = sources.data_source(data_config.name, data_config.split, data_config.data_dir,
                                  image_key=data_config.image_key,
                                  caption_key=data_config.caption_key)
-    lines = [_text(source[i][data_config.caption_key])
+    lines = [pipeline.as_text(source[i][data_config.caption_key])
              for i in range(min(len(source), eval_config.num_images))]
   n = eval_config.num_images or len(lines)
   return (lines * -(-n // len(lines)))[:n]
-
-
-def _text(value):
-  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
 class Evaluator:
@@ -121,14 +118,8 @@ class Evaluator:
 
   def _score(self, name, images):
     if name == 'shapes':
-      groups = {'train': ([], []), 'holdout': ([], [])}
-      for image, prompt in zip(images, self.prompts):
-        colour, shape = shapes_eval.parse_prompt(prompt)
-        group = 'holdout' if shapes_eval.shapes_lib.is_holdout(colour, shape) else 'train'
-        groups[group][0].append(image)
-        groups[group][1].append(prompt)
-      return {f'eval/shapes_fidelity_{g}': shapes_eval.fidelity(*v)['both']
-              for g, v in groups.items() if v[1]}
+      return {f'eval/shapes_fidelity_{group}': score['both'] for group, score in
+              shapes_eval.fidelity_by_group(images, self.prompts).items()}
     if name == 'fid':
       if 'fid' not in self._scorers:  # loaded once, at the first evaluation
         module = inception.FIDInceptionV3(inception.InceptionConfig.fid())

@@ -51,10 +51,10 @@ def test_unknown_block_type_is_a_clear_error():
     unet.UNetConfig.from_diffusers(raw)
 
 
-def test_sdxl_features_are_refused_by_name():
+def test_unsupported_features_are_refused_by_name():
   raw = unet.UNetConfig.tiny().to_diffusers() | {
-      'addition_embed_type': 'text_time', 'some_future_key': 1}
-  with pytest.raises(ValueError, match="addition_embed_type='text_time'.*some_future_key"):
+      'addition_embed_type': 'text_image', 'some_future_key': 1}
+  with pytest.raises(ValueError, match="addition_embed_type='text_image'.*some_future_key"):
     unet.UNetConfig.from_diffusers(raw)
 
 

@@ -10,31 +10,51 @@ from ldm_jax.models import unet
 from ldm_jax.models import vae
 
 
-PRESETS = ('sd15', 'sd21', 'tiny')
+PRESETS = ('sd15', 'sd21', 'tiny', 'sdxl', 'tiny_xl')
+# Per preset: the U-Net, VAE, text encoder and (SDXL) second text encoder presets.
+_NETWORK_PRESETS = {
+    'sd15': ('sd15', 'sd15', 'sd15', None),
+    'sd21': ('sd21', 'sd21', 'openclip_h', None),
+    'tiny': ('tiny', 'tiny', 'tiny', None),
+    'sdxl': ('sdxl', 'sdxl', 'clip_l', 'openclip_bigg'),
+    'tiny_xl': ('tiny_xl', 'tiny', 'tiny', 'tiny'),
+}
 
 
 def networks_from_config(model_config):
-  """The three modules named by a config's `model` group (preset, dtype, param_dtype, ...).
+  """The networks named by a config's `model` group (preset, dtype, param_dtype, ...).
+
+  Per-network overrides of the preset come from `model_config.unet`, `.vae`, `.text_encoder`
+  and `.text_encoder_2` (dicts of config fields).
 
   Returns:
-    {'unet': UNet2DConditionModel, 'vae': AutoencoderKL, 'text_encoder': CLIPTextModel}.
+    {'unet': UNet2DConditionModel, 'vae': AutoencoderKL, 'text_encoder': CLIPTextModel}, plus
+    'text_encoder_2' (a CLIPTextModel with_projection, SDXL's OpenCLIP bigG) for the XL presets.
+
+  Raises:
+    ValueError: an unknown preset.
   """
   preset = model_config.preset
   if preset not in PRESETS:
     raise ValueError(f'model.preset={preset!r} is not one of {PRESETS}')
   runtime = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
                  attention_impl=model_config.attention_impl, remat=model_config.remat)
-  te_preset = 'openclip_h' if preset == 'sd21' else preset
+  unet_preset, vae_preset, te_preset, te2_preset = _NETWORK_PRESETS[preset]
   # Per-network overrides of the preset (config.model.unet = {'block_out_channels': ...}).
   over = lambda name: {k: tuple(v) if isinstance(v, list) else v
                        for k, v in dict(model_config.get(name) or {}).items()}
-  return {
+  te_cls = text_encoder.TextEncoderConfig
+  networks = {
       'unet': unet.UNet2DConditionModel(
-          getattr(unet.UNetConfig, preset)(**(runtime | over('unet')))),
-      'vae': vae.AutoencoderKL(getattr(vae.VAEConfig, preset)(**(runtime | over('vae')))),
+          getattr(unet.UNetConfig, unet_preset)(**(runtime | over('unet')))),
+      'vae': vae.AutoencoderKL(getattr(vae.VAEConfig, vae_preset)(**(runtime | over('vae')))),
       'text_encoder': text_encoder.CLIPTextModel(
-          getattr(text_encoder.TextEncoderConfig, te_preset)(**(runtime | over('text_encoder')))),
+          getattr(te_cls, te_preset)(**(runtime | over('text_encoder')))),
   }
+  if te2_preset is not None:
+    networks['text_encoder_2'] = text_encoder.CLIPTextModel(getattr(te_cls, te2_preset)(
+        **(runtime | {'with_projection': True} | over('text_encoder_2'))))
+  return networks
 
 
 def example_inputs(module, batch=1):
@@ -42,8 +62,14 @@ def example_inputs(module, batch=1):
   c = module.config
   if isinstance(module, unet.UNet2DConditionModel):
     side = 2 ** (len(c.block_out_channels) - 1)
-    return (jnp.zeros((batch, side, side, c.in_channels)), jnp.zeros((batch,)),
-            jnp.zeros((batch, 1, c.cross_attention_dim)))
+    inputs = (jnp.zeros((batch, side, side, c.in_channels)), jnp.zeros((batch,)),
+              jnp.zeros((batch, 1, c.cross_attention_dim)))
+    if c.is_xl:  # text_embeds of width P and time_ids of K with P + K * dim = input dim
+      n_ids = 1
+      width = c.projection_class_embeddings_input_dim - n_ids * c.addition_time_embed_dim
+      inputs += ({'text_embeds': jnp.zeros((batch, width)),
+                  'time_ids': jnp.zeros((batch, n_ids))},)
+    return inputs
   if isinstance(module, vae.AutoencoderKL):
     side = c.downsample_factor
     return (jnp.zeros((batch, side, side, c.in_channels)),)

@@ -50,7 +50,7 @@ def config_from_dict(cls, raw, *, renames=None, unsupported=None, ignored=(), **
       problems.append(f'{key}={value!r} (unknown key)')
   if problems:
     raise ValueError(f'{cls.__name__}: config.json has settings this model cannot reproduce: '
-                     + '; '.join(problems) + '. Use a Stable Diffusion 1.x/2.x config.')
+                     + '; '.join(problems) + '. Use a Stable Diffusion 1.x, 2.x or XL config.')
   kwargs.update(overrides)
   return cls(**kwargs)
 

@@ -1,4 +1,4 @@
-"""The CLIP text encoder: transformers' CLIPTextModel (CLIP-L for SD 1.x, OpenCLIP-H for SD 2.x)."""
+"""The CLIP text encoder: transformers' CLIPTextModel[WithProjection]: CLIP-L, OpenCLIP-H, -bigG."""
 
 import dataclasses
 from typing import Any
@@ -63,7 +63,17 @@ class TextEncoderConfig:
   sd21 = openclip_h
 
   @classmethod
+  def openclip_bigg(cls, **kw):
+    """OpenCLIP ViT-bigG/14's text tower, SDXL's second encoder (CLIPTextModelWithProjection):
+    all 32 layers, 1280 wide; SDXL uses hidden_states[-2] and the projected `text_embeds`."""
+    kw = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+              num_attention_heads=20, hidden_act='gelu', projection_dim=1280,
+              with_projection=True) | kw
+    return cls(**kw)
+
+  @classmethod
   def tiny(cls, **kw):
+    """32 wide, 2 layers: for tests (SDXL's tiny second encoder adds with_projection=True)."""
     kw = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
               num_attention_heads=4, projection_dim=32) | kw
     return cls(**kw)

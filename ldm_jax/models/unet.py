@@ -1,4 +1,4 @@
-"""The text-conditioned U-Net: diffusers' UNet2DConditionModel in the SD 1.x/2.x layouts, NHWC."""
+"""The text-conditioned U-Net: diffusers' UNet2DConditionModel (SD 1.x/2.x/XL layouts), NHWC."""
 
 import dataclasses
 import functools
@@ -14,19 +14,21 @@ from ldm_jax.models import layers
 DOWN_BLOCK_TYPES = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCK_TYPES = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCK_TYPES = ('UNetMidBlock2DCrossAttn', 'UNetMidBlock2D', None)
+ADDITION_EMBED_TYPES = (None, 'text_time')  # 'text_time': SDXL's pooled-text + size conditioning
 
-# diffusers config keys whose non-default values select features outside SD 1.x/2.x (SDXL's
-# added conditioning, class embeddings, ...): any other value is refused, naming the key.
+# diffusers config keys whose non-default values select features outside SD 1.x/2.x/XL (class
+# embeddings, Kandinsky's added conditioning, ...): any other value is refused, naming the key.
+# (addition_embed_type is also a field: from_diffusers passes its accepted value on.)
 _UNSUPPORTED = {
     'act_fn': 'silu', 'only_cross_attention': False, 'dual_cross_attention': False,
-    'class_embed_type': None, 'addition_embed_type': None, 'num_class_embeds': None,
-    'encoder_hid_dim': None, 'encoder_hid_dim_type': None, 'resnet_time_scale_shift': 'default',
+    'class_embed_type': None, 'addition_embed_type': ADDITION_EMBED_TYPES,
+    'num_class_embeds': None, 'encoder_hid_dim': None,
+    'encoder_hid_dim_type': None, 'resnet_time_scale_shift': 'default',
     'resnet_skip_time_act': False, 'resnet_out_scale_factor': 1.0,
     'time_embedding_type': 'positional', 'time_embedding_act_fn': None, 'timestep_post_act': None,
     'time_cond_proj_dim': None, 'attention_type': 'default', 'class_embeddings_concat': False,
     'mid_block_only_cross_attention': (None, False), 'cross_attention_norm': None,
-    'reverse_transformer_layers_per_block': None, 'addition_time_embed_dim': None,
-    'projection_class_embeddings_input_dim': None, 'dropout': 0.0,
+    'reverse_transformer_layers_per_block': None, 'dropout': 0.0,
 }
 
 
@@ -60,6 +62,13 @@ class UNetConfig:
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
   time_embedding_dim: int | None = None
+  # SDXL's added conditioning: with 'text_time', the pooled text embedding (B, P) and the
+  # sinusoidal embeddings (width addition_time_embed_dim) of each of the K size/crop/aesthetic
+  # ids are concatenated (P + K * addition_time_embed_dim = projection_class_embeddings_input_dim)
+  # and added to the time embedding through `add_embedding`.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
   # Runtime options (not in config.json).
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype
@@ -82,9 +91,15 @@ class UNetConfig:
       if c % heads or c % self.norm_num_groups:
         raise ValueError(f'block width {c} must be divisible by its {heads} attention heads and '
                          f'by norm_num_groups={self.norm_num_groups}')
+    _check_addition(self)
     if self.attention_impl not in attention.IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r} is not one of '
                        f'{attention.IMPLS}')
+
+  @property
+  def is_xl(self):
+    """Whether the U-Net takes SDXL's `added_cond_kwargs` (text_embeds and time_ids)."""
+    return self.addition_embed_type == 'text_time'
 
   @classmethod
   def sd15(cls, **kw):
@@ -108,14 +123,52 @@ class UNetConfig:
     return cls(**kw)
 
   @classmethod
+  def sdxl(cls, **kw):
+    """stabilityai/stable-diffusion-xl-base-1.0: 2.567B parameters, no attention at the top level,
+    1/2/10 transformer layers, head dim 64, a 2048-wide context (CLIP-L + OpenCLIP-bigG) and the
+    pooled bigG embedding (1280) + 6 size/crop ids x 256 as added conditioning."""
+    kw = dict(sample_size=128, block_out_channels=(320, 640, 1280),
+              down_block_types=('DownBlock2D',) + ('CrossAttnDownBlock2D',) * 2,
+              up_block_types=('CrossAttnUpBlock2D',) * 2 + ('UpBlock2D',),
+              num_attention_heads=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+              cross_attention_dim=2048, use_linear_projection=True, addition_embed_type='text_time',
+              addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816) | kw
+    return cls(**kw)
+
+  @classmethod
+  def sdxl_refiner(cls, **kw):
+    """stabilityai/stable-diffusion-xl-refiner-1.0: four levels (no attention at either end), 4
+    transformer layers, bigG context (1280), pooled bigG + 5 ids (size, crop, aesthetic score)."""
+    kw = dict(sample_size=128, block_out_channels=(384, 768, 1536, 1536),
+              down_block_types=('DownBlock2D',) + ('CrossAttnDownBlock2D',) * 2 + ('DownBlock2D',),
+              up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 2 + ('UpBlock2D',),
+              num_attention_heads=(6, 12, 24, 24), transformer_layers_per_block=4,
+              cross_attention_dim=1280, use_linear_projection=True, addition_embed_type='text_time',
+              addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560) | kw
+    return cls(**kw)
+
+  @classmethod
+  def tiny_xl(cls, **kw):
+    """diffusers' tiny SDXL test U-Net (32/64 channels, text_time), for tests and the CPU demo:
+    a 64-wide context (two 32-wide text encoders), pooled 32 + 6 ids x 8 = 80."""
+    kw = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+              down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+              up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), num_attention_heads=(2, 4),
+              transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+              use_linear_projection=True, norm_num_groups=8, addition_embed_type='text_time',
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=80) | kw
+    return cls(**kw)
+
+  @classmethod
   def from_diffusers(cls, raw, **overrides):
     """From a diffusers `unet/config.json` dict; `overrides` set dtype, param_dtype, ..."""
     raw = dict(raw)
     heads = raw.pop('num_attention_heads', None)
     head_key = raw.pop('attention_head_dim', 8)
+    addition = {'addition_embed_type': raw.get('addition_embed_type')}
     return config_io.config_from_dict(
         cls, raw | {'num_attention_heads': heads or head_key}, unsupported=_UNSUPPORTED,
-        ignored=('addition_embed_type_num_heads',), **overrides)
+        ignored=('addition_embed_type_num_heads',), **(addition | overrides))
 
   def to_diffusers(self):
     """The diffusers config.json dict (heads written under `attention_head_dim`, as diffusers does)."""
@@ -123,6 +176,17 @@ class UNetConfig:
     out['_class_name'] = 'UNet2DConditionModel'
     out['act_fn'] = 'silu'
     return out
+
+
+def _check_addition(config):
+  """Validates the added-conditioning fields (SDXL's 'text_time' needs both widths)."""
+  if config.addition_embed_type not in ADDITION_EMBED_TYPES:
+    raise ValueError(f'addition_embed_type={config.addition_embed_type!r} is not supported; '
+                     f'ldm_jax supports {ADDITION_EMBED_TYPES} (SD 1.x/2.x: None, SDXL: text_time)')
+  if config.is_xl and not (config.addition_time_embed_dim
+                           and config.projection_class_embeddings_input_dim):
+    raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                     'projection_class_embeddings_input_dim (SDXL base: 256 and 2816)')
 
 
 def _check_types(field, types, allowed, n):
@@ -288,23 +352,34 @@ class TimestepEmbedding(nn.Module):
 class UNet2DConditionModel(nn.Module):
   """The noise-prediction network.
 
-  `apply({'params': p}, sample, timesteps, encoder_hidden_states)`:
+  `apply({'params': p}, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None)`:
     sample: (B, H, W, in_channels) noisy latents.
     timesteps: scalar or (B,) timesteps (integer or fractional).
     encoder_hidden_states: (B, L, cross_attention_dim) text context.
+    added_cond_kwargs: for an XL U-Net (`config.is_xl`) only, as diffusers:
+      {'text_embeds': (B, P) pooled text embedding, 'time_ids': (B, K) size/crop ids (SDXL
+      base: K=6, original h, w, crop top, left, target h, w; refiner: K=5, original h, w, crop
+      top, left, aesthetic score)}, P + K * addition_time_embed_dim =
+      projection_class_embeddings_input_dim.
   Returns the prediction (eps, v, ...) shaped (B, H, W, out_channels), in the compute dtype.
+
+  Raises:
+    ValueError: an XL U-Net without added_cond_kwargs, or a non-XL one given them.
   """
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states):
+  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
     c = self.config
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     b = sample.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
     temb = layers.timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-    temb = TimestepEmbedding(c.time_embedding_dim or 4 * c.block_out_channels[0],
-                             name='time_embedding', **kw)(temb.astype(c.dtype))
+    temb_dim = c.time_embedding_dim or 4 * c.block_out_channels[0]
+    temb = TimestepEmbedding(temb_dim, name='time_embedding', **kw)(temb.astype(c.dtype))
+    aug = _added_embedding(c, b, added_cond_kwargs)
+    if aug is not None:
+      temb = temb + TimestepEmbedding(temb_dim, name='add_embedding', **kw)(aug)
     context = encoder_hidden_states.astype(c.dtype)
 
     x = sample.astype(c.dtype)
@@ -326,3 +401,39 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(layers.GroupNorm(c.norm_num_groups, c.norm_eps, c.param_dtype,
                                  name='conv_norm_out')(x))
     return layers.conv(c.out_channels, c.conv_out_kernel, name='conv_out', **kw)(x)
+
+
+def _added_embedding(config, batch, added_cond_kwargs):
+  """diffusers' `get_aug_embed` input for 'text_time': concat(text_embeds, time embeddings).
+
+  Returns:
+    (B, projection_class_embeddings_input_dim) in the compute dtype, or None for a non-XL U-Net.
+
+  Raises:
+    ValueError: added_cond_kwargs missing (XL) or unexpected (not XL), or of the wrong width.
+  """
+  c = config
+  if not c.is_xl:
+    if added_cond_kwargs is not None:
+      raise ValueError('added_cond_kwargs were given but this U-Net has no added conditioning '
+                       f'(addition_embed_type={c.addition_embed_type!r}); pass them only to an '
+                       "SDXL U-Net (addition_embed_type='text_time')")
+    return None
+  missing = [k for k in ('text_embeds', 'time_ids') if k not in (added_cond_kwargs or {})]
+  if missing:
+    raise ValueError(f"this SDXL U-Net (addition_embed_type='text_time') needs added_cond_kwargs="
+                     "{'text_embeds': (B, P) pooled text embedding, 'time_ids': (B, K) size/crop "
+                     f'ids}}; missing {missing}')
+  text_embeds = jnp.asarray(added_cond_kwargs['text_embeds'])
+  time_ids = jnp.asarray(added_cond_kwargs['time_ids'])
+  time_embeds = layers.timestep_embedding(time_ids.reshape(-1), c.addition_time_embed_dim,
+                                          c.flip_sin_to_cos, c.freq_shift)
+  time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+  aug = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+  if aug.shape[-1] != c.projection_class_embeddings_input_dim:
+    raise ValueError(f'text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give '
+                     f'{aug.shape[-1]} added-conditioning features but this U-Net takes '
+                     'projection_class_embeddings_input_dim='
+                     f'{c.projection_class_embeddings_input_dim} (= P + K * '
+                     f'{c.addition_time_embed_dim})')
+  return jnp.broadcast_to(aug, (batch, aug.shape[-1])).astype(c.dtype)

@@ -1,4 +1,4 @@
-"""The KL autoencoder: diffusers' AutoencoderKL (the SD 1.x/2.x VAE), NHWC."""
+"""The KL autoencoder: diffusers' AutoencoderKL (the SD 1.x/2.x/XL VAE), NHWC."""
 
 import dataclasses
 from typing import Any
@@ -59,6 +59,19 @@ class VAEConfig:
     return cls(**kw)
 
   sd21 = sd15
+
+  @classmethod
+  def sdxl(cls, **kw):
+    """The SDXL VAE (stabilityai/sdxl-vae): the SD layout retrained, latents scaled by 0.13025;
+    it overflows in float16, hence force_upcast."""
+    kw = dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True) | kw
+    return cls(**kw)
+
+  @classmethod
+  def sdxl_fp16_fix(cls, **kw):
+    """madebyollin/sdxl-vae-fp16-fix: the SDXL VAE fine-tuned to run in float16 (no upcast)."""
+    kw = dict(sample_size=512, scaling_factor=0.13025, force_upcast=False) | kw
+    return cls(**kw)
 
   @classmethod
   def tiny(cls, **kw):

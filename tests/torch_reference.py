@@ -89,6 +89,57 @@ def save_pipeline(path, unet=None, vae=None, text_encoder=None):
   return unet, vae, text_encoder
 
 
+# The tiny SDXL U-Net of diffusers' own SDXL tests: text_time conditioning, per-level depth.
+TINY_XL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), attention_head_dim=(2, 4),
+    use_linear_projection=True, addition_embed_type='text_time', addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64)
+# The refiner: only the second encoder (32 wide) and 5 time ids (aesthetic score).
+TINY_XL_REFINER = dict(cross_attention_dim=32, projection_class_embeddings_input_dim=32 + 5 * 8)
+# SDXL's scheduler (EulerDiscreteScheduler as stabilityai/stable-diffusion-xl-base-1.0 ships it).
+XL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                    num_train_timesteps=1000, steps_offset=1, timestep_spacing='leading',
+                    interpolation_type='linear', prediction_type='epsilon',
+                    use_karras_sigmas=False)
+
+
+def tiny_sdxl_unet(seed=0, refiner=False, **kw):
+  """diffusers' tiny SDXL U-Net (or the refiner's: 32-wide context, aesthetic-score time ids)."""
+  torch.manual_seed(seed)
+  config = TINY_XL_UNET | (TINY_XL_REFINER if refiner else {}) | kw
+  return perturb(diffusers.UNet2DConditionModel(**config), seed)
+
+
+def tiny_text_encoder_2(seed=0, **kw):
+  """SDXL's second text encoder in tiny: a CLIPTextModelWithProjection, 32 wide."""
+  torch.manual_seed(seed)
+  config = transformers.CLIPTextConfig(**(TINY_TEXT | {'projection_dim': 32} | kw))
+  return perturb(transformers.CLIPTextModelWithProjection(config), seed)
+
+
+def save_sdxl_pipeline(path, refiner=False, force_zeros=True):
+  """Writes a tiny diffusers SDXL folder (the refiner: an img2img one without the first encoder).
+
+  Returns:
+    the diffusers pipeline (StableDiffusionXLPipeline or StableDiffusionXLImg2ImgPipeline).
+  """
+  parts = dict(vae=tiny_vae(1), text_encoder_2=tiny_text_encoder_2(2),
+               tokenizer_2=tiny_tokenizer(), unet=tiny_sdxl_unet(3, refiner=refiner),
+               scheduler=diffusers.EulerDiscreteScheduler(**XL_SCHEDULER),
+               force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
+  if refiner:
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        text_encoder=None, tokenizer=None, requires_aesthetics_score=True, **parts)
+  else:
+    pipe = diffusers.StableDiffusionXLPipeline(
+        text_encoder=tiny_text_encoder(4), tokenizer=tiny_tokenizer(), **parts)
+  pipe.save_pretrained(path, safe_serialization=True)
+  return pipe
+
+
 def nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x, np.float32), (0, 3, 1, 2))))
 

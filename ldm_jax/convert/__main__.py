@@ -4,6 +4,11 @@
         --tokenizer sd15-tokenizer/
     python -m ldm_jax.convert --src sd15/ --to single_file --out sd15.safetensors
     python -m ldm_jax.convert --src sd15.ckpt --to orbax --out sd15_orbax/
+    python -m ldm_jax.convert --src sd_xl_base_1.0.safetensors --to diffusers --out sdxl/ \
+        --tokenizer sdxl/tokenizer --tokenizer_2 sdxl/tokenizer_2
+
+SDXL (base and refiner) is handled alike: single files in generative-models' layout (with an
+SGM YAML beside a written one), folders with text_encoder_2/ and tokenizer_2/.
 
 The source format is detected: a file is a single-file checkpoint (.safetensors or .ckpt, read
 without torch), a folder with model_index.json a diffusers pipeline, a folder with
@@ -45,7 +50,9 @@ def parse_args(argv):
   p.add_argument('--prediction_type', choices=('epsilon', 'v_prediction', 'sample'))
   p.add_argument('--image_size', type=int, help='single file: the native image size in pixels')
   p.add_argument('--scaling_factor', type=float, help='single file: the VAE latent scale')
-  p.add_argument('--tokenizer', help='a tokenizer folder (a single file has none)')
+  p.add_argument('--tokenizer', help='a tokenizer folder (a single file has none); for the SDXL '
+                 'refiner, its only (the second) tokenizer')
+  p.add_argument('--tokenizer_2', help='SDXL: the second tokenizer folder (OpenCLIP bigG\'s)')
   p.add_argument('--dtype', default='float32', choices=tuple(_FILE_DTYPES),
                  help='storage dtype of a written single file')
   return p.parse_args(argv)
@@ -58,7 +65,8 @@ def load_source(args):
     components, report = single_file.load(
         src, config=args.config, config_yaml=args.original_config, use_ema=not args.no_ema,
         prediction_type=args.prediction_type, image_size=args.image_size,
-        scaling_factor=args.scaling_factor, tokenizer=args.tokenizer)
+        scaling_factor=args.scaling_factor, tokenizer=args.tokenizer,
+        tokenizer_2=args.tokenizer_2)
     return components, report.lines()
   if os.path.isfile(os.path.join(src, 'model_index.json')):
     components, kind = diffusers_lib.load_diffusers(src), 'diffusers folder'
@@ -68,8 +76,12 @@ def load_source(args):
     raise diffusers_lib.ConversionError(
         f'{src} is neither a single file, a diffusers folder (model_index.json) nor an ldm_jax '
         f'Orbax folder ({orbax_io.INDEX})')
-  if args.tokenizer:
-    components = components.replace(tokenizer=diffusers_lib.load_tokenizer(args.tokenizer))
+  refiner = components.text_encoder is None and components.text_encoder_2 is not None
+  tokenizers = {'tokenizer_2' if refiner else 'tokenizer': args.tokenizer,
+                'tokenizer_2': args.tokenizer_2 or (args.tokenizer if refiner else None)}
+  for name, folder in tokenizers.items():
+    if folder:
+      components = components.replace(**{name: diffusers_lib.load_tokenizer(folder)})
   if args.prediction_type:
     components = components.replace(scheduler_config=dict(
         components.scheduler_config, prediction_type=args.prediction_type))
@@ -93,7 +105,9 @@ def write(components, args):
 def summary(components):
   """One line per network: class, parameter count, tensors, dtypes; then the sampling settings."""
   lines = []
-  for name in ('unet', 'vae', 'text_encoder'):
+  for name in ('unet', 'vae', 'text_encoder', 'text_encoder_2'):
+    if getattr(components, name) is None:
+      continue
     module, params = getattr(components, name)
     leaves = jax.tree.leaves(params)
     dtypes = '/'.join(sorted({str(jnp.dtype(x.dtype)) for x in leaves}))
@@ -101,10 +115,17 @@ def summary(components):
     lines.append(f'  {name:13s} {type(module).__name__:22s} {millions:9.2f}M params '
                  f'({len(leaves)} tensors, {dtypes})')
   sched = components.scheduler_config
+  have = lambda tok: 'yes' if tok is not None else 'none'
+  tokenizers = (f'tokenizer {have(components.tokenizer)}' if components.text_encoder is not None
+                else '')
+  if components.text_encoder_2 is not None:
+    tokenizers = ', '.join(filter(None, (tokenizers,
+                                         f'tokenizer_2 {have(components.tokenizer_2)}')))
   lines.append(f'  scheduler     {sched.get("_class_name", "?")}, prediction '
                f'{sched.get("prediction_type", "epsilon")}; VAE scaling factor '
-               f'{components.vae[0].config.scaling_factor}; tokenizer '
-               f'{"yes" if components.tokenizer is not None else "none"}')
+               f'{components.vae[0].config.scaling_factor}; {tokenizers}')
+  if components.options:
+    lines.append('  options       ' + ', '.join(f'{k}={v}' for k, v in components.options.items()))
   lines.append(f'  sample sizes  VAE {components.vae[0].config.sample_size} px, U-Net '
                f'{components.unet[0].config.sample_size} latent px')
   return lines
@@ -120,8 +141,10 @@ def main(argv=None):
     return 1
   print('\n'.join(source_lines + ['converted:'] + summary(components)))
   print(f'wrote {args.to}: {", ".join(written)}')
-  if components.tokenizer is None and args.to != 'single_file':
-    print('note: no tokenizer was written; pass --tokenizer DIR to include one')
+  if args.to != 'single_file':
+    for name, network in (('tokenizer', 'text_encoder'), ('tokenizer_2', 'text_encoder_2')):
+      if getattr(components, network) is not None and getattr(components, name) is None:
+        print(f'note: no {name} was written; pass --{name} DIR to include one')
   return 0
 
 

@@ -1,11 +1,16 @@
-"""The original CompVis/Stability single-file key layout <-> diffusers keys (SD 1.x/2.x).
+"""The original CompVis/Stability single-file key layouts <-> diffusers keys (SD 1.x/2.x, SDXL).
+
+SD 1.x/2.x files are LatentDiffusion's (`cond_stage_model.*` text encoder); SDXL files are
+Stability generative-models' (SGM) DiffusionEngine's: the same U-Net and VAE layout (plus the
+`label_emb.0` added-conditioning MLP), and the text encoders under `conditioner.embedders.N.`.
 
 Every function here is a pure transform of `{key: numpy array}` dicts. Module prefixes are
 renamed through explicit tables (`unet_table`, `vae_table`, ...), longest prefix first, and the
 OpenCLIP text tower key by key through `OPENCLIP_TABLE`; the few leaves that change layout are
 named: the VAE's 1x1 attention convs (squeezed to linear and back), OpenCLIP's fused `in_proj`
-(`split_in_proj`, `fuse_in_proj`), its `text_projection` (`projection_t`) and its last resblock
-(dropped: SD 2.x conditions on the penultimate layer).
+(`split_in_proj`, `fuse_in_proj`), its `text_projection` (`projection_t`) and, in SD 2.x only,
+its last resblock (dropped: SD 2.x conditions on the penultimate layer; SDXL's bigG keeps all, as
+its pooled embedding comes from the last).
 """
 
 import dataclasses
@@ -20,15 +25,22 @@ UNET_PREFIX = 'model.diffusion_model.'
 VAE_PREFIXES = ('first_stage_model.', 'vae.')
 CLIP_PREFIX = 'cond_stage_model.transformer.'
 OPENCLIP_PREFIX = 'cond_stage_model.model.'
+# SDXL (SGM): CLIP-L in transformers' layout, OpenCLIP bigG in open_clip's; the refiner has bigG
+# alone, as its embedder 0.
+SGM_PREFIX = 'conditioner.embedders.'
+SGM_CLIP_PREFIX = 'conditioner.embedders.0.transformer.'
+SGM_OPENCLIP_PREFIX = 'conditioner.embedders.1.model.'
+SGM_REFINER_OPENCLIP_PREFIX = 'conditioner.embedders.0.model.'
 EMA_PREFIX = 'model_ema.'
 _CONV_IN = UNET_PREFIX + 'input_blocks.0.0.weight'
 # Checkpoint entries that are no network parameter: LatentDiffusion's noise-schedule buffers,
-# the EMA bookkeeping, CLIP's position ids, OpenCLIP's contrastive temperature.
+# the EMA bookkeeping, CLIP's position ids, OpenCLIP's contrastive temperature and causal mask,
+# SGM's denoiser sigmas.
 _BUFFERS = re.compile(
     r'^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod'
     r'|(sqrt|log)_one_minus_alphas_cumprod|posterior_\w+|logvar|lvlb_weights'
-    r'|model_ema\.(decay|num_updates)|.*position_ids'
-    r'|cond_stage_model\.model\.(logit_scale|attn_mask))$')
+    r'|model_ema\.(decay|num_updates)|.*position_ids|denoiser\.(log_)?sigmas'
+    r'|(cond_stage_model|conditioner\.embedders\.\d+)\.model\.(logit_scale|attn_mask))$')
 
 _RESNET = (('in_layers.0', 'norm1'), ('in_layers.2', 'conv1'), ('emb_layers.1', 'time_emb_proj'),
            ('out_layers.0', 'norm2'), ('out_layers.3', 'conv2'),
@@ -38,49 +50,91 @@ _VAE_ATTENTION = (('norm', 'group_norm'), ('q', 'to_q'), ('k', 'to_k'), ('v', 't
                   ('proj_out', 'to_out.0'))
 
 
+_FAMILY_NAMES = {'sd1': 'SD 1.x', 'sd2': 'SD 2.x', 'sdxl': 'SDXL', 'sdxl_refiner': 'SDXL refiner'}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelType:
-  """What a single file holds: the SD generation, inpainting or not, and its text encoder."""
-  family: str  # 'sd1' or 'sd2'
+  """What a single file holds: the SD generation, inpainting or not, and its text encoder(s)."""
+  family: str  # 'sd1', 'sd2', 'sdxl' or 'sdxl_refiner'
   inpainting: bool
-  text_encoder: str  # 'clip' (OpenAI CLIP-L) or 'openclip' (OpenCLIP-H, SD 2.x)
+  # 'clip' (OpenAI CLIP-L), 'openclip' (OpenCLIP-H in SD 2.x, bigG in the SDXL refiner) or
+  # 'clip+openclip' (SDXL: CLIP-L and OpenCLIP-bigG)
+  text_encoder: str
+
+  @property
+  def is_xl(self):
+    return self.family in ('sdxl', 'sdxl_refiner')
 
   def __str__(self):
-    name = {'sd1': 'SD 1.x', 'sd2': 'SD 2.x'}[self.family]
-    return f'{name}{" inpainting" if self.inpainting else ""} ({self.text_encoder} text encoder)'
+    plural = 's' if '+' in self.text_encoder else ''
+    return (f'{_FAMILY_NAMES[self.family]}{" inpainting" if self.inpainting else ""} '
+            f'({self.text_encoder} text encoder{plural})')
+
+
+def text_layouts(model_type):
+  """{component: (key prefix, 'clip' or 'openclip' layout)} of a file's text encoders."""
+  if model_type.family == 'sdxl':
+    return {'text_encoder': (SGM_CLIP_PREFIX, 'clip'),
+            'text_encoder_2': (SGM_OPENCLIP_PREFIX, 'openclip')}
+  if model_type.family == 'sdxl_refiner':
+    return {'text_encoder_2': (SGM_REFINER_OPENCLIP_PREFIX, 'openclip')}
+  if model_type.text_encoder == 'openclip':
+    return {'text_encoder': (OPENCLIP_PREFIX, 'openclip')}
+  return {'text_encoder': (CLIP_PREFIX, 'clip')}
 
 
 def detect_model_type(state):
-  """Tells SD 1.x, 2.x and their inpainting variants apart by their keys; refuses anything else.
+  """Tells SD 1.x, 2.x, SDXL, the SDXL refiner and the inpainting variants apart by their keys;
+  refuses anything else.
 
   Raises:
     diffusers.ConversionError: naming what the file looks like instead.
   """
-  if any(k.startswith('conditioner.embedders.') for k in state):
-    raise diffusers_lib.ConversionError(
-        'this is an SDXL-style checkpoint (conditioner.embedders.*): ldm_jax reads Stable '
-        'Diffusion 1.x/2.x single files only')
   if _CONV_IN not in state:
     prefixes = sorted({k.split('.')[0] for k in state})[:8]
     raise diffusers_lib.ConversionError(
         f'unknown model type: no Stable Diffusion U-Net ({_CONV_IN}) among {len(state)} tensors '
-        f'(top-level names: {", ".join(prefixes) or "none"}); expected an SD 1.x/2.x single file')
+        f'(top-level names: {", ".join(prefixes) or "none"}); expected an SD 1.x/2.x or SDXL '
+        'single file')
   in_channels = state[_CONV_IN].shape[1]
   if in_channels not in (4, 9):
     raise diffusers_lib.ConversionError(
         f'unknown model type: the U-Net takes {in_channels} input channels; ldm_jax reads '
         'text-to-image (4) and inpainting (9) models, not depth, upscaling or pix2pix variants')
-  if any(k.startswith(OPENCLIP_PREFIX) for k in state):
+  family = None
+  if any(k.startswith(SGM_PREFIX) for k in state):
+    family = _sgm_family(state)
+    text = 'clip+openclip' if family == 'sdxl' else 'openclip'
+  elif any(k.startswith(OPENCLIP_PREFIX) for k in state):
     text = 'openclip'
   elif any(k.startswith(CLIP_PREFIX) for k in state):
     text = 'clip'
   else:
     raise diffusers_lib.ConversionError(
         f'the file has no text encoder ({CLIP_PREFIX}* or {OPENCLIP_PREFIX}*): a Stable Diffusion '
-        'single file holds all three networks')
+        'single file holds all three networks (SDXL: conditioner.embedders.*)')
   if not any(k.startswith(VAE_PREFIXES) for k in state):
     raise diffusers_lib.ConversionError(f'the file has no VAE ({VAE_PREFIXES[0]}*)')
-  return ModelType('sd2' if text == 'openclip' else 'sd1', in_channels == 9, text)
+  return ModelType(family or ('sd2' if text == 'openclip' else 'sd1'), in_channels == 9, text)
+
+
+def _sgm_family(state):
+  """'sdxl' or 'sdxl_refiner' from an SGM file's embedders, as diffusers' loader tells them."""
+  has = lambda prefix: any(k.startswith(prefix) for k in state)
+  if has(SGM_OPENCLIP_PREFIX):
+    if not has(SGM_CLIP_PREFIX):
+      raise diffusers_lib.ConversionError(
+          f'an SDXL checkpoint with OpenCLIP bigG ({SGM_OPENCLIP_PREFIX}*) but no CLIP-L text '
+          f'encoder ({SGM_CLIP_PREFIX}*): the file is incomplete')
+    return 'sdxl'
+  if has(SGM_REFINER_OPENCLIP_PREFIX):
+    return 'sdxl_refiner'
+  embedders = sorted({'.'.join(k.split('.')[:4]) for k in state if k.startswith(SGM_PREFIX)})
+  raise diffusers_lib.ConversionError(
+      f'an SDXL-style checkpoint (conditioner.embedders.*) without OpenCLIP bigG: it has '
+      f'{", ".join(embedders[:4])}; an SDXL base file has {SGM_CLIP_PREFIX}* and '
+      f'{SGM_OPENCLIP_PREFIX}*, the SDXL refiner {SGM_REFINER_OPENCLIP_PREFIX}*')
 
 
 def ema_key(key):
@@ -113,11 +167,12 @@ def select_ema(state, use_ema=True):
   return out, 'used'
 
 
-def split(state):
-  """{key: array} -> ({'unet'|'vae'|'clip'|'openclip': {unprefixed key: array}}, ignored keys)."""
+def split(state, model_type):
+  """{key: array} -> ({'unet'|'vae'|'text_encoder'|'text_encoder_2': {unprefixed key: array}},
+  ignored keys); the text encoders are those `text_layouts(model_type)` names."""
   vae_prefix = next(p for p in VAE_PREFIXES if any(k.startswith(p) for k in state))
-  prefixes = {'unet': UNET_PREFIX, 'vae': vae_prefix, 'clip': CLIP_PREFIX,
-              'openclip': OPENCLIP_PREFIX}
+  prefixes = {'unet': UNET_PREFIX, 'vae': vae_prefix} | {
+      name: prefix for name, (prefix, _) in text_layouts(model_type).items()}
   parts, ignored = {name: {} for name in prefixes}, []
   for key, value in state.items():
     name = next((n for n, p in prefixes.items() if key.startswith(p)), None)
@@ -188,7 +243,9 @@ def unet_table(layers_per_block, up_attention=None):
   n = len(layers_per_block)
   plain = {'time_embed.0': 'time_embedding.linear_1', 'time_embed.2': 'time_embedding.linear_2',
            'input_blocks.0.0': 'conv_in', 'out.0': 'conv_norm_out', 'out.2': 'conv_out',
-           'middle_block.1': 'mid_block.attentions.0'}
+           'middle_block.1': 'mid_block.attentions.0',
+           # SDXL's added conditioning (pooled text + size/crop ids): SGM's label_emb MLP
+           'label_emb.0.0': 'add_embedding.linear_1', 'label_emb.0.2': 'add_embedding.linear_2'}
   resnets = {'middle_block.0': 'mid_block.resnets.0', 'middle_block.2': 'mid_block.resnets.1'}
   i = 1
   for b, layers in enumerate(layers_per_block):
@@ -346,16 +403,17 @@ def _transformers_keys(pattern, fields):
   return [pattern.format(**fields, qkv=name) for name in names]
 
 
-def openclip_to_diffusers(ldm, with_projection=False):
-  """OpenCLIP (`cond_stage_model.model.` removed) -> transformers CLIP keys, penultimate layer.
+def openclip_to_diffusers(ldm, with_projection=False, keep_last=False):
+  """OpenCLIP (`cond_stage_model.model.` removed) -> transformers CLIP keys.
 
   Keys map through `OPENCLIP_TABLE`: the fused attention input projection is split into q/k/v;
-  the last resblock is dropped (SD 2.x conditions on the penultimate layer); `text_projection`
+  the last resblock is dropped unless `keep_last` (SD 2.x conditions on the penultimate layer;
+  SDXL's bigG keeps every layer: its pooled embedding comes from the last); `text_projection`
   (width, proj), used as x @ P, becomes a (proj, width) linear weight, kept only
   `with_projection`. Keys outside the table keep their name, so that loading reports them.
   """
   last = max((int(k.split('.')[2]) for k in ldm if k.startswith('transformer.resblocks.')),
-             default=-1)
+             default=-1) + (1 if keep_last else 0)
   out = {}
   for key, value in ldm.items():
     if (key.startswith(f'transformer.resblocks.{last}.')
@@ -372,12 +430,13 @@ def openclip_to_diffusers(ldm, with_projection=False):
   return out
 
 
-def openclip_from_diffusers(state, num_layers):
+def openclip_from_diffusers(state, num_layers, pad_last=True):
   """transformers CLIP keys (no `text_model.`) -> OpenCLIP, plus an identity last resblock.
 
-  Keys map back through `OPENCLIP_TABLE` (q/k/v fused into one `in_proj`). The file gets one
-  resblock more than the encoder runs, all zeros: SD 2.x readers (ours, diffusers, the original
-  repository) skip the last resblock, and a zero block is the identity.
+  Keys map back through `OPENCLIP_TABLE` (q/k/v fused into one `in_proj`). With `pad_last` (SD
+  2.x) the file gets one resblock more than the encoder runs, all zeros: SD 2.x readers (ours,
+  diffusers, the original repository) skip the last resblock, and a zero block is the identity.
+  SDXL's bigG (`pad_last=False`) is written as it is: its readers keep every layer.
 
   Raises:
     diffusers.ConversionError: a key outside the table (or a layer past `num_layers`).
@@ -393,6 +452,8 @@ def openclip_from_diffusers(state, num_layers):
     if key == keys[0]:  # a fused key is written once, from all of its parts
       out[ours.format(**fields)] = to_open_clip(*(state[k] for k in keys))
   _check_placed(unmatched)
+  if not pad_last:
+    return out
   pad = f'transformer.resblocks.{num_layers - 1}.'
   out |= {k.replace(pad, f'transformer.resblocks.{num_layers}.'): np.zeros_like(v)
           for k, v in out.items() if k.startswith(pad)}

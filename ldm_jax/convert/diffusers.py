@@ -19,8 +19,12 @@ from ldm_jax.models import unet as unet_lib
 from ldm_jax.models import vae as vae_lib
 
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+XL_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2',
+                 'scheduler')
+# model_index.json settings of the SDXL pipelines that we honour, with diffusers' defaults.
+XL_OPTIONS = {'force_zeros_for_empty_prompt': True, 'requires_aesthetics_score': False}
 _WEIGHTS_NAME = {'unet': 'diffusion_pytorch_model', 'vae': 'diffusion_pytorch_model',
-                 'text_encoder': 'model'}
+                 'text_encoder': 'model', 'text_encoder_2': 'model'}
 # Old diffusers VAEs (and the removed Flax VAE) name the mid-block attention projections so.
 _VAE_ALIASES = {'.query.': '.to_q.', '.key.': '.to_k.', '.value.': '.to_v.',
                 '.proj_attn.': '.to_out.0.'}
@@ -33,28 +37,42 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass
 class Components:
-  """A Stable Diffusion model: each network is a `(module, params)` pair."""
+  """A Stable Diffusion model: each network is a `(module, params)` pair.
+
+  SDXL adds `text_encoder_2` (a CLIPTextModel with `with_projection`) and `tokenizer_2`; the SDXL
+  refiner has only those (`text_encoder` and `tokenizer` None). `options` holds the
+  model_index.json pipeline settings we honour: 'force_zeros_for_empty_prompt' and
+  'requires_aesthetics_score' (SDXL; absent for SD 1/2).
+  """
   unet: tuple
   vae: tuple
-  text_encoder: tuple
+  text_encoder: tuple | None
   tokenizer: Any  # a transformers CLIPTokenizer, or None
   scheduler_config: dict
+  text_encoder_2: tuple | None = None
+  tokenizer_2: Any = None
+  options: dict = dataclasses.field(default_factory=dict)
 
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
 
 
 def load_diffusers(path, dtype=jnp.float32, param_dtype=None, variant=None):
-  """Loads a diffusers Stable Diffusion folder.
+  """Loads a diffusers Stable Diffusion folder: SD 1.x/2.x, SDXL and the SDXL refiner.
+
+  model_index.json says which components the folder has: SDXL adds text_encoder_2/ and
+  tokenizer_2/, and the SDXL refiner has no text_encoder/ or tokenizer/ (`[null, null]` there).
 
   Args:
-    path: the folder holding model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+    path: the folder holding model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+      (and text_encoder_2/, tokenizer_2/ for SDXL).
     dtype: compute dtype of the networks.
     param_dtype: storage dtype of the parameters (default: `dtype`).
     variant: a weights variant such as 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
 
   Returns:
-    Components.
+    Components; for SDXL with `options` (force_zeros_for_empty_prompt,
+    requires_aesthetics_score) as model_index.json says, else as diffusers defaults them.
 
   Raises:
     ConversionError: a missing component or weights file, or weights in pickle (.bin) form.
@@ -64,18 +82,43 @@ def load_diffusers(path, dtype=jnp.float32, param_dtype=None, variant=None):
     raise ConversionError(f'{path} is not a diffusers pipeline folder: no model_index.json. '
                           'Pass the folder that holds model_index.json, unet/, vae/, ...')
   index = config_io.read_json(os.path.join(path, 'model_index.json'))
-  absent = [c for c in COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+  xl = is_xl_index(index)
+  expected = _expected_components(index) if xl else COMPONENTS
+  absent = [c for c in expected if not os.path.isdir(os.path.join(path, c))]
   if absent:
-    raise ConversionError(f'{path} is missing {", ".join(c + "/" for c in absent)}: a Stable '
-                          f'Diffusion folder needs {", ".join(COMPONENTS)} '
-                          f'(model_index.json lists {sorted(k for k in index if not k.startswith("_"))})')
+    kind = 'an SDXL' if xl else 'a Stable Diffusion'
+    listed = sorted(k for k in index if not k.startswith('_'))
+    raise ConversionError(f'{path} is missing {", ".join(c + "/" for c in absent)}: {kind} '
+                          f'folder needs {", ".join(expected)} (model_index.json lists {listed})')
   kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
+  sub = lambda name: os.path.join(path, name)
+  has = lambda name: name in expected
   return Components(
-      unet=load_unet(os.path.join(path, 'unet'), **kw),
-      vae=load_vae(os.path.join(path, 'vae'), **kw),
-      text_encoder=load_text_encoder(os.path.join(path, 'text_encoder'), **kw),
-      tokenizer=load_tokenizer(os.path.join(path, 'tokenizer')),
-      scheduler_config=load_scheduler_config(os.path.join(path, 'scheduler')))
+      unet=load_unet(sub('unet'), **kw),
+      vae=load_vae(sub('vae'), **kw),
+      text_encoder=load_text_encoder(sub('text_encoder'), **kw) if has('text_encoder') else None,
+      tokenizer=load_tokenizer(sub('tokenizer')) if has('tokenizer') else None,
+      scheduler_config=load_scheduler_config(sub('scheduler')),
+      text_encoder_2=(load_text_encoder(sub('text_encoder_2'), **kw)
+                      if has('text_encoder_2') else None),
+      tokenizer_2=load_tokenizer(sub('tokenizer_2')) if has('tokenizer_2') else None,
+      options=xl_options(index) if xl else {})
+
+
+def is_xl_index(index):
+  """Whether a model_index.json (dict) is an SDXL pipeline's: it names a text_encoder_2."""
+  return 'text_encoder_2' in index or 'XL' in index.get('_class_name', '')
+
+
+def _expected_components(index):
+  """The SDXL components model_index.json names (a `[null, null]` entry is an absent one)."""
+  return tuple(c for c in XL_COMPONENTS
+               if not (isinstance(index.get(c), list) and index[c][:1] == [None]))
+
+
+def xl_options(index):
+  """The SDXL pipeline settings of a model_index.json, with diffusers' defaults."""
+  return {name: bool(index.get(name, default)) for name, default in XL_OPTIONS.items()}
 
 
 def load_unet(folder, dtype=jnp.float32, param_dtype=None, variant=None):
@@ -112,7 +155,9 @@ def load_text_encoder(folder, dtype=jnp.float32, param_dtype=None, variant=None)
     key = key.removeprefix('text_model.')
     if not key.endswith('position_ids'):  # a buffer some files carry, not a parameter
       state[key] = value
-  return module, _load_params(module, state, 'text_encoder')
+  name = os.path.basename(os.path.normpath(folder))  # for messages: text_encoder_2 in SDXL
+  return module, _load_params(module, state, name if name.startswith('text_encoder') else
+                              'text_encoder')
 
 
 def load_tokenizer(folder):
@@ -179,31 +224,69 @@ def _read_safetensors(path):
 def save_diffusers(components, path):
   """Writes a diffusers folder that diffusers' and transformers' `from_pretrained` load.
 
-  Weights are written in float32 safetensors, configs as diffusers/transformers write them.
+  SD 1.x/2.x components make a StableDiffusionPipeline folder; SDXL ones (with `text_encoder_2`)
+  a StableDiffusionXLPipeline folder, or a StableDiffusionXLImg2ImgPipeline one for the refiner
+  (no `text_encoder`), with `components.options` in model_index.json. Weights are written in
+  float32 safetensors, configs as diffusers/transformers write them.
   """
   os.makedirs(path, exist_ok=True)
-  for name in ('unet', 'vae', 'text_encoder'):
-    save_network(path, name, *getattr(components, name))
-  te_module = components.text_encoder[0]
-  if components.tokenizer is not None:
-    components.tokenizer.save_pretrained(os.path.join(path, 'tokenizer'))
+  xl = components.text_encoder_2 is not None
+  names = ('unet', 'vae', 'text_encoder') + (('text_encoder_2',) if xl else ())
+  for name in names:
+    if getattr(components, name) is not None:
+      save_network(path, name, *getattr(components, name))
+  for name in ('tokenizer', 'tokenizer_2'):
+    if getattr(components, name) is not None:
+      getattr(components, name).save_pretrained(os.path.join(path, name))
   scheduler = dict(components.scheduler_config)
   config_io.write_json(scheduler, os.path.join(path, 'scheduler', 'scheduler_config.json'))
-  te_class = te_module.config.to_transformers()['architectures'][0]
-  config_io.write_json({
+  index = _xl_index(components) if xl else _sd_index(components)
+  config_io.write_json(index | {'scheduler': ['diffusers', scheduler.get(
+      '_class_name', 'EulerDiscreteScheduler' if xl else 'PNDMScheduler')]},
+                       os.path.join(path, 'model_index.json'))
+
+
+def _te_entry(network):
+  return (['transformers', network[0].config.to_transformers()['architectures'][0]]
+          if network is not None else [None, None])
+
+
+def _tokenizer_entry(tokenizer):
+  return ['transformers', 'CLIPTokenizer'] if tokenizer is not None else [None, None]
+
+
+def _sd_index(components):
+  return {
       '_class_name': 'StableDiffusionPipeline', '_diffusers_version': _DIFFUSERS_VERSION,
       'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
-      'text_encoder': ['transformers', te_class], 'tokenizer': ['transformers', 'CLIPTokenizer'],
-      'scheduler': ['diffusers', scheduler.get('_class_name', 'PNDMScheduler')],
+      'text_encoder': _te_entry(components.text_encoder),
+      'tokenizer': ['transformers', 'CLIPTokenizer'],
       'safety_checker': [None, None], 'feature_extractor': [None, None],
-      'requires_safety_checker': False,
-  }, os.path.join(path, 'model_index.json'))
+      'requires_safety_checker': False}
+
+
+def _xl_index(components):
+  """model_index.json of an SDXL folder: the refiner (no first encoder) is an img2img one."""
+  refiner = components.text_encoder is None
+  options = xl_options(components.options)
+  if not refiner:  # StableDiffusionXLPipeline has no aesthetic-score setting
+    del options['requires_aesthetics_score']
+  return {
+      '_class_name': 'StableDiffusionXLImg2ImgPipeline' if refiner else 'StableDiffusionXLPipeline',
+      '_diffusers_version': _DIFFUSERS_VERSION,
+      'unet': ['diffusers', 'UNet2DConditionModel'], 'vae': ['diffusers', 'AutoencoderKL'],
+      'text_encoder': _te_entry(components.text_encoder),
+      'tokenizer': _tokenizer_entry(components.tokenizer),
+      'text_encoder_2': _te_entry(components.text_encoder_2),
+      'tokenizer_2': _tokenizer_entry(components.tokenizer_2),
+      'image_encoder': [None, None], 'feature_extractor': [None, None]} | options
 
 
 def save_network(path, name, module, params):
-  """Writes one network as the `name/` folder of a diffusers pipeline ('unet', 'vae' or
-  'text_encoder'), loadable by its diffusers/transformers class's `from_pretrained`."""
-  if name == 'text_encoder':
+  """Writes one network as the `name/` folder of a diffusers pipeline ('unet', 'vae',
+  'text_encoder' or 'text_encoder_2'), loadable by its diffusers/transformers class's
+  `from_pretrained`."""
+  if name.startswith('text_encoder'):
     state = {('' if k.startswith('text_projection') else 'text_model.') + k: v
              for k, v in tables.to_torch(params).items()}
     _save_component(path, name, module.config.to_transformers(), state)
@@ -213,7 +296,7 @@ def save_network(path, name, module, params):
 
 def _save_component(path, name, config, state):
   folder = os.path.join(path, name)
-  if name != 'text_encoder':
+  if not name.startswith('text_encoder'):
     config = config | {'_diffusers_version': _DIFFUSERS_VERSION}
   config_io.write_json(config, os.path.join(folder, 'config.json'))
   filename = _WEIGHTS_NAME[name] + '.safetensors'

@@ -1,6 +1,8 @@
 """Original Stable Diffusion single-file checkpoints in and out (.safetensors, .ckpt), no torch.
 
-Reading maps the CompVis keys to diffusers keys (`compvis`), builds the three networks' configs
+SD 1.x/2.x files are in CompVis' LatentDiffusion layout, SDXL (base and refiner) files in
+Stability generative-models' (SGM) layout (`conditioner.embedders.N.*` text encoders).
+Reading maps the CompVis keys to diffusers keys (`compvis`), builds the networks' configs
 (`single_file_config`) and loads them through the same checked table as diffusers folders
 (`tables.to_flax`), so a file either loads whole or fails listing every key that does not fit.
 
@@ -49,11 +51,17 @@ class LoadReport:
   ignored_keys: list
   scheduler_from: str = ''
   notes: tuple = ()  # which YAML was read or passed over, and why
+  tokenizer_2_from: str | None = None
 
   def lines(self):
     s = self.settings
     src = lambda name: s.sources[name]
-    tokenizer = self.tokenizer_from or 'none (a single file has none: pass a tokenizer folder)'
+    none = 'none (a single file has none: pass a tokenizer folder)'
+    tokenizer = f'tokenizer: {self.tokenizer_from or none}'
+    if self.model_type.family == 'sdxl':
+      tokenizer += f'; tokenizer_2: {self.tokenizer_2_from or none}'
+    elif self.model_type.family == 'sdxl_refiner':  # only the second encoder: one tokenizer
+      tokenizer = f'tokenizer_2: {self.tokenizer_2_from or none}'
     return [
         f'{self.path}: {self.file_format}, {"/".join(self.file_dtypes)}, {self.model_type}',
         *(f'  {note}' for note in self.notes),
@@ -62,7 +70,7 @@ class LoadReport:
         f'({src("prediction_type")}), VAE scaling factor {s.scaling_factor} '
         f'({src("scaling_factor")})',
         f'  scheduler config from {self.scheduler_from}',
-        f'  tokenizer: {tokenizer}',
+        f'  {tokenizer}',
         f'  {len(self.ignored_keys)} non-network entries skipped (noise-schedule buffers, ...)',
     ]
 
@@ -124,8 +132,12 @@ def _state_dict(obj, path):
 @dataclasses.dataclass
 class MappedCheckpoint:
   """A single file's tensors under diffusers names, with the configs that describe them."""
-  states: dict  # {'unet' | 'vae' | 'text_encoder': {diffusers key: array}}
-  configs: tuple  # (UNetConfig, VAEConfig, TextEncoderConfig)
+  # {'unet' | 'vae' | 'text_encoder' | 'text_encoder_2': {diffusers key: array}}: SDXL adds
+  # text_encoder_2, the refiner has no text_encoder
+  states: dict
+  # (UNetConfig, VAEConfig, TextEncoderConfig); SDXL's add the second TextEncoderConfig, and the
+  # refiner's first is None
+  configs: tuple
   scheduler_config: dict
   model_type: compvis.ModelType
   ema: str
@@ -134,12 +146,14 @@ class MappedCheckpoint:
   ignored_keys: list
   scheduler_from: str = ''
   notes: tuple = ()
+  options: dict = dataclasses.field(default_factory=dict)  # SDXL's pipeline settings
 
 
 @dataclasses.dataclass
 class _Described:
   """What describes a file beyond its shapes (see the module doc), with the sources' names."""
-  folder: dict | None = None  # {'unet', 'vae', 'text_encoder', 'scheduler': config dict}
+  # {'unet', 'vae', 'text_encoder', 'scheduler' (SDXL: 'text_encoder_2', 'options'): dict}
+  folder: dict | None = None
   folder_from: str = 'config folder'
   original: dict | None = None  # the LDM YAML's model.params
   original_from: str = 'original config'
@@ -186,19 +200,14 @@ def map_checkpoint(state, *, config=None, config_yaml=None, metadata=None, yaml_
   """
   model_type = compvis.detect_model_type(state)
   state, ema = compvis.select_ema(state, use_ema)
-  parts, ignored = compvis.split(state)
+  parts, ignored = compvis.split(state, model_type)
   d = _describe(config, config_yaml, metadata, yaml_beside)
   settings = sfc.resolve_settings(
       model_type, d.original, d.folder, image_size=image_size, prediction_type=prediction_type,
       scaling_factor=scaling_factor, original_from=d.original_from, folder_from=d.folder_from)
-  with_projection = d.folder is not None and 'CLIPTextModelWithProjection' in (
-      d.folder['text_encoder'].get('architectures') or [])
   states = {'unet': compvis.unet_to_diffusers(parts['unet']),
             'vae': compvis.vae_to_diffusers(parts['vae'])}
-  if model_type.text_encoder == 'openclip':
-    states['text_encoder'] = compvis.openclip_to_diffusers(parts['openclip'], with_projection)
-  else:
-    states['text_encoder'] = compvis.clip_to_diffusers(parts['clip'])
+  states |= _text_states(parts, model_type, d.folder)
   runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype)
   configs = _configs(states, model_type, settings, d, runtime)
   if d.folder is not None:
@@ -209,11 +218,32 @@ def map_checkpoint(state, *, config=None, config_yaml=None, metadata=None, yaml_
     scheduler_from = f'default for {str(model_type).split(" (")[0]}' + (
         f', betas from {d.original_from}' if d.original is not None else '')
   scheduler = sfc.scheduler_config(model_type, settings, d.original, d.folder)
+  options = {}
+  if model_type.is_xl:
+    options = diffusers_lib.xl_options((d.folder or {}).get('options') or
+                                       sfc.XL_OPTIONS[model_type.family])
   return MappedCheckpoint(states, configs, scheduler, model_type, ema, settings, configs_from,
-                          ignored, scheduler_from, d.notes)
+                          ignored, scheduler_from, d.notes, options)
 
 
-def load(path, *, tokenizer=None, **kwargs):
+def _text_states(parts, model_type, folder):
+  """The text encoders' tensors under transformers names: CLIP-L as it is; OpenCLIP through its
+  table, less the last layer in SD 2.x (with its projection if the folder's encoder has one),
+  whole in SDXL."""
+  states = {}
+  for name, (_, layout) in compvis.text_layouts(model_type).items():
+    if layout == 'clip':
+      states[name] = compvis.clip_to_diffusers(parts[name])
+    elif model_type.is_xl:
+      states[name] = compvis.openclip_to_diffusers(parts[name], True, keep_last=True)
+    else:
+      with_projection = folder is not None and 'CLIPTextModelWithProjection' in (
+          (folder.get(name) or {}).get('architectures') or [])
+      states[name] = compvis.openclip_to_diffusers(parts[name], with_projection)
+  return states
+
+
+def load(path, *, tokenizer=None, tokenizer_2=None, **kwargs):
   """`load_single_file` (same arguments), also returning what it found and decided.
 
   Returns:
@@ -223,35 +253,45 @@ def load(path, *, tokenizer=None, **kwargs):
   file_dtypes = tuple(sorted({str(v.dtype) for v in state.values()}))
   metadata = read_metadata(path) if file_format == 'safetensors' else {}
   mapped = map_checkpoint(state, metadata=metadata, yaml_beside=yaml_beside(path), **kwargs)
-  unet_config, vae_config, text_config = mapped.configs
+  unet_config, vae_config, *text_configs = mapped.configs
   modules = {'unet': unet_lib.UNet2DConditionModel(unet_config),
-             'vae': vae_lib.AutoencoderKL(vae_config),
-             'text_encoder': text_encoder_lib.CLIPTextModel(text_config)}
-  nets = {name: (module, _params(module, mapped.states[name], name, path))
+             'vae': vae_lib.AutoencoderKL(vae_config)}
+  for name, text_config in zip(('text_encoder', 'text_encoder_2'), text_configs):
+    if text_config is not None:
+      modules[name] = text_encoder_lib.CLIPTextModel(text_config)
+  nets = {name: (module, _params(module, mapped.states.get(name, {}), name, path))
           for name, module in modules.items()}
-  tok, tokenizer_from = _tokenizer(tokenizer, kwargs.get('config'))
+  config = kwargs.get('config')
+  if mapped.model_type.family == 'sdxl_refiner':  # one tokenizer, the second encoder's
+    tokenizer_2, tokenizer = tokenizer_2 or tokenizer, None
+  tok, tokenizer_from = (_tokenizer(tokenizer, config) if 'text_encoder' in nets else
+                         (None, None))
+  tok_2, tokenizer_2_from = (_tokenizer(tokenizer_2, config, 'tokenizer_2')
+                             if 'text_encoder_2' in nets else (None, None))
   components = diffusers_lib.Components(
-      unet=nets['unet'], vae=nets['vae'], text_encoder=nets['text_encoder'], tokenizer=tok,
-      scheduler_config=mapped.scheduler_config)
+      unet=nets['unet'], vae=nets['vae'], text_encoder=nets.get('text_encoder'), tokenizer=tok,
+      scheduler_config=mapped.scheduler_config, text_encoder_2=nets.get('text_encoder_2'),
+      tokenizer_2=tok_2, options=mapped.options)
   report = LoadReport(str(path), file_format, file_dtypes, mapped.model_type, mapped.ema,
                       mapped.settings, mapped.configs_from, tokenizer_from, mapped.ignored_keys,
-                      mapped.scheduler_from, mapped.notes)
+                      mapped.scheduler_from, mapped.notes, tokenizer_2_from)
   return components, report
 
 
 def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, prediction_type=None,
                      image_size=None, scaling_factor=None, dtype=jnp.float32, param_dtype=None,
-                     tokenizer=None):
+                     tokenizer=None, tokenizer_2=None):
   """Loads an original Stable Diffusion single-file checkpoint into `Components`.
 
   A file written by ldm_jax describes itself (its metadata, else the YAML written beside it), so
   it loads back exactly as it was saved. For files from the wild the model type (SD 1.x, 2.x,
-  inpainting) is detected from the keys; widths and depths come from the tensors' shapes. The
-  module doc has the precedence. torch is never imported; a .ckpt's pickle may only rebuild
-  tensors.
+  SDXL, the SDXL refiner, inpainting) is detected from the keys; widths and depths come from the
+  tensors' shapes. The module doc has the precedence. torch is never imported; a .ckpt's pickle
+  may only rebuild tensors.
 
   Args:
-    path: a .safetensors or .ckpt (torch zip) file in the CompVis/Stability layout.
+    path: a .safetensors or .ckpt (torch zip) file in the CompVis/Stability (SD 1.x/2.x) or
+      generative-models (SDXL) layout.
     config: a diffusers folder whose configs (and tokenizer/, if any) describe the model, as in
       diffusers' `from_single_file(config=...)`; needed for models off the SD conventions.
     config_yaml: the original LDM YAML (path or parsed dict): heads, prediction type, VAE scale,
@@ -264,7 +304,10 @@ def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, predi
     dtype: compute dtype of the networks.
     param_dtype: storage dtype of the parameters (default: `dtype`).
     tokenizer: a tokenizer folder (or tokenizer object); a single file holds none, so without
-      one (or a `config` folder with tokenizer/) the components have none.
+      one (or a `config` folder with tokenizer/) the components have none. For the SDXL refiner,
+      which has only the second encoder, it is taken as `tokenizer_2` unless that is given.
+    tokenizer_2: SDXL's second tokenizer (OpenCLIP bigG's: '!' pads), likewise (or the `config`
+      folder's tokenizer_2/).
 
   Returns:
     Components, as `load_diffusers` returns them.
@@ -277,26 +320,36 @@ def load_single_file(path, *, config=None, config_yaml=None, use_ema=True, predi
   return load(path, config=config, config_yaml=config_yaml, use_ema=use_ema,
               prediction_type=prediction_type, image_size=image_size,
               scaling_factor=scaling_factor, dtype=dtype, param_dtype=param_dtype,
-              tokenizer=tokenizer)[0]
+              tokenizer=tokenizer, tokenizer_2=tokenizer_2)[0]
 
 
 def _configs(states, model_type, settings, described, runtime):
   if described.folder is not None:
-    return sfc.configs_from_folder(described.folder, settings, described.folder_from, **runtime)
+    configs = sfc.configs_from_folder(described.folder, settings, described.folder_from,
+                                      **runtime)
+    if len(configs) != (4 if model_type.is_xl else 3):
+      raise diffusers_lib.ConversionError(
+          f'the single file is {model_type}, but {described.where or described.folder_from} '
+          f'describes {"an SDXL" if len(configs) == 4 else "an SD 1.x/2.x"} model')
+    return configs
   try:
-    vae = sfc.vae_config(states['vae'], settings, **runtime)
+    vae = sfc.vae_config(states['vae'], settings, model_type, **runtime)
+    texts = {name: sfc.text_config(states[name], model_type, name, **runtime)
+             for name in compvis.text_layouts(model_type)}
+    pooled = texts['text_encoder_2'].projection_dim if 'text_encoder_2' in texts else None
     unet = sfc.unet_config(states['unet'], model_type, settings, vae.downsample_factor,
-                           described.original, **runtime)
-    text = sfc.text_config(states['text_encoder'], model_type, **runtime)
+                           described.original, pooled, **runtime)
   except (KeyError, StopIteration) as e:
     raise diffusers_lib.ConversionError(
         f'the single file lacks a tensor its architecture is read from ({e}): it is incomplete or '
-        'not a Stable Diffusion 1.x/2.x checkpoint') from e
-  return unet, vae, text
+        f'not a {model_type} checkpoint') from e
+  if not model_type.is_xl:
+    return unet, vae, texts['text_encoder']
+  return unet, vae, texts.get('text_encoder'), texts['text_encoder_2']
 
 
 def _params(module, state, name, path):
-  if name == 'text_encoder':
+  if name.startswith('text_encoder'):
     state = {k.removeprefix('text_model.'): v for k, v in state.items()}
   try:
     params = tables.to_flax(state, build.abstract_params(module), name=name)
@@ -306,10 +359,10 @@ def _params(module, state, name, path):
   return jax.tree.map(jnp.asarray, params)
 
 
-def _tokenizer(tokenizer, config):
+def _tokenizer(tokenizer, config, name='tokenizer'):
   if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
     return tokenizer, 'given'
-  folder = tokenizer or (os.path.join(config, 'tokenizer') if config is not None else None)
+  folder = tokenizer or (os.path.join(config, name) if config is not None else None)
   if folder is None or not os.path.isdir(folder):
     if tokenizer is not None:
       raise diffusers_lib.ConversionError(f'tokenizer folder {tokenizer} does not exist')
@@ -320,34 +373,49 @@ def _tokenizer(tokenizer, config):
 def single_file_state(components, text_layout=None):
   """Components -> {CompVis key: float32 array}, the layout `load_single_file` reads.
 
+  SDXL components (with `text_encoder_2`) are written in generative-models' layout: CLIP-L under
+  conditioner.embedders.0.transformer.*, OpenCLIP bigG under conditioner.embedders.1.model.*
+  (the refiner's, its only encoder, under conditioner.embedders.0.model.*).
+
   Args:
     components: Components.
-    text_layout: 'clip' (cond_stage_model.transformer.*) or 'openclip' (cond_stage_model.model.*);
-      by default OpenCLIP for a GELU text encoder (SD 2.x), CLIP for a quick-GELU one (SD 1.x).
+    text_layout: SD 1.x/2.x only: 'clip' (cond_stage_model.transformer.*) or 'openclip'
+      (cond_stage_model.model.*); by default OpenCLIP for a GELU text encoder (SD 2.x), CLIP for a
+      quick-GELU one (SD 1.x).
   """
   (unet, unet_params), (vae, vae_params) = components.unet, components.vae
-  text, text_params = components.text_encoder
-  text_layout = text_layout or ('openclip' if text.config.hidden_act == 'gelu' else 'clip')
   state = {compvis.UNET_PREFIX + k: v for k, v in compvis.unet_from_diffusers(
       tables.to_torch(unet_params), unet.config).items()}
   state |= {compvis.VAE_PREFIXES[0] + k: v for k, v in compvis.vae_from_diffusers(
       tables.to_torch(vae_params), vae.config).items()}
-  text_state = tables.to_torch(text_params)
-  if text_layout == 'openclip':
-    state |= {compvis.OPENCLIP_PREFIX + k: v for k, v in compvis.openclip_from_diffusers(
-        text_state, text.config.num_hidden_layers).items()}
-  elif text_layout == 'clip':
-    state |= {compvis.CLIP_PREFIX + k: v
-              for k, v in compvis.clip_from_diffusers(text_state).items()}
+  if components.text_encoder_2 is not None:
+    family = 'sdxl' if components.text_encoder is not None else 'sdxl_refiner'
+    layouts = compvis.text_layouts(compvis.ModelType(family, False, ''))
   else:
-    raise ValueError(f"text_layout must be 'clip' or 'openclip', got {text_layout!r}")
+    text = components.text_encoder[0]
+    text_layout = text_layout or ('openclip' if text.config.hidden_act == 'gelu' else 'clip')
+    if text_layout not in ('clip', 'openclip'):
+      raise ValueError(f"text_layout must be 'clip' or 'openclip', got {text_layout!r}")
+    layouts = {'text_encoder': ({'clip': compvis.CLIP_PREFIX,
+                                 'openclip': compvis.OPENCLIP_PREFIX}[text_layout], text_layout)}
+  for name, (prefix, layout) in layouts.items():
+    module, params = getattr(components, name)
+    text_state = tables.to_torch(params)
+    if layout == 'clip':
+      out = compvis.clip_from_diffusers(text_state)
+    else:  # SD 2.x's OpenCLIP-H gets its unused last layer back; SDXL's bigG is whole
+      out = compvis.openclip_from_diffusers(text_state, module.config.num_hidden_layers,
+                                            pad_last=name == 'text_encoder')
+    state |= {prefix + k: v for k, v in out.items()}
   return state
 
 
 def save_single_file(components, path, *, dtype=np.float32, text_layout=None, config_yaml=None):
-  """Writes `components` as one CompVis-layout safetensors file (what `from_single_file` reads).
+  """Writes `components` as one CompVis-layout safetensors file (what `from_single_file` reads);
+  SDXL components in generative-models' layout (see `single_file_state`).
 
-  The file's metadata also holds the four configs (`single_file_config.METADATA_KEYS`), so that
+  The file's metadata also holds the four configs (`single_file_config.METADATA_KEYS`; SDXL
+  also the second encoder's and the pipeline options), so that
   `load_single_file` gets the same model back: prediction type, VAE scale, sample sizes,
   scheduler and any non-SD architecture. Other readers ignore it.
 
@@ -356,7 +424,8 @@ def save_single_file(components, path, *, dtype=np.float32, text_layout=None, co
     path: the .safetensors file to write.
     dtype: the stored dtype (float32, float16 or bfloat16).
     text_layout: see `single_file_state`.
-    config_yaml: where to also write the original LDM YAML describing the model (optional): it
+    config_yaml: where to also write the original LDM (SDXL: SGM) YAML describing the model
+      (optional): it
       carries what shapes cannot (heads, prediction type, VAE scale, betas), and our configs.
   """
   state = {k: np.ascontiguousarray(v.astype(dtype)) for k, v in

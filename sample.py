@@ -6,6 +6,11 @@
   python sample.py --init DIR --prompt "a castle" --init_image in.png --strength 0.6 [--mask m.png]
   python sample.py --init v1-5-pruned-emaonly.safetensors --tokenizer /models/sd15/tokenizer \
       --prompt "a lighthouse"
+  python sample.py --init /models/stable-diffusion-xl-base-1.0 --sampler euler --guidance 5 \
+      --prompt "a fox" --original_size 1024,1024 --crops_coords_top_left 0,0 --target_size 1024,1024
+
+SDXL folders (base or refiner) need no other flags; the base -> refiner hand-off is a library call:
+`pipeline.base_and_refiner(base, refiner, prompts, high_noise_frac=0.8, steps=40, ...)`.
 
 Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... per image) to
 --out. --init takes a diffusers folder or an original .safetensors / .ckpt file; `--workdir
@@ -57,10 +62,17 @@ _HEIGHT = flags.DEFINE_integer('height', None, 'Image height, a multiple of the 
 _WIDTH = flags.DEFINE_integer('width', None, 'Image width, a multiple of the VAE\'s factor.')
 _INIT_IMAGE = flags.DEFINE_string('init_image', None, 'An image to start from (img2img).')
 _STRENGTH = flags.DEFINE_float('strength', None, 'How much of --init_image to repaint, in '
-                               '(0, 1] (default 0.8, or 1.0 with --mask).')
+                               '(0, 1] (default 0.8, or 1.0 with --mask; SDXL: 0.3, or 0.9999).')
 _MASK = flags.DEFINE_string('mask', None, 'Inpainting mask for --init_image, white = repaint.')
 _OUT = flags.DEFINE_string('out', 'samples/', 'Output folder.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Images per generate call.')
+_ORIGINAL_SIZE = flags.DEFINE_string('original_size', None, 'SDXL: H,W, the original_size '
+                                     'conditioning (default: the image size).')
+_CROPS = flags.DEFINE_string('crops_coords_top_left', None, 'SDXL: TOP,LEFT crop conditioning '
+                             '(default 0,0).')
+_TARGET_SIZE = flags.DEFINE_string('target_size', None, 'SDXL: H,W (default: the image size).')
+_AESTHETIC = flags.DEFINE_float('aesthetic_score', None, 'SDXL refiner: the aesthetic score '
+                                'conditioning (default 6.0).')
 
 
 def _request():
@@ -71,7 +83,11 @@ def _request():
       sampler=_SAMPLER.value, guidance=_GUIDANCE.value, seed=_SEED.value,
       height=_HEIGHT.value, width=_WIDTH.value, init_image=_INIT_IMAGE.value,
       strength=_STRENGTH.value, mask=_MASK.value, out_dir=_OUT.value,
-      batch_size=_BATCH_SIZE.value)
+      batch_size=_BATCH_SIZE.value,
+      original_size=run.parse_pair(_ORIGINAL_SIZE.value, 'original_size'),
+      crops_coords_top_left=run.parse_pair(_CROPS.value, 'crops_coords_top_left'),
+      target_size=run.parse_pair(_TARGET_SIZE.value, 'target_size'),
+      aesthetic_score=_AESTHETIC.value)
 
 
 @contextlib.contextmanager
@@ -99,7 +115,7 @@ def main(argv):
   # Model; then the sizes, which must be multiples of this VAE's downsampling factor.
   with _usage_errors():
     sd = pipeline.StableDiffusion(sources.load(source))
-    run.validate(request, pipeline.SAMPLERS, sd.vae_scale)
+    run.validate(request, pipeline.SAMPLERS, sd.vae_scale, getattr(sd, 'is_xl', None))
 
   # Loop.
   run.run(sd, request)

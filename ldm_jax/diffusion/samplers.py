@@ -391,8 +391,9 @@ def add_noise(plan, x0, noise, i):
   return c[0] * x0 + c[1] * noise
 
 
-def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None, progress_args=()):
-  """Runs steps start .. n-1 in one `lax.fori_loop` (call it inside jit).
+def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None, progress_args=(),
+            end=None):
+  """Runs steps start .. end-1 in one `lax.fori_loop` (call it inside jit).
 
   Args:
     plan: the sampler's tables.
@@ -404,6 +405,7 @@ def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None, prog
     progress: optional host callback(i, n, *progress_args), called through `jax.debug.callback`
       after step i - 1 (on every device that holds part of the batch).
     progress_args: arrays passed on to `progress` (the pipeline's per-call token).
+    end: the step index to stop before (may be traced; SDXL's denoising_end); default n.
 
   Returns:
     The final latents (float32).
@@ -422,7 +424,8 @@ def denoise(plan, model_fn, x, key, start=0, post_step=None, progress=None, prog
       jax.debug.callback(progress, i + 1, plan.num_steps, *progress_args)
     return state
 
-  return jax.lax.fori_loop(start, plan.num_steps, body, initial_state(plan, x))['x']
+  end = plan.num_steps if end is None else end
+  return jax.lax.fori_loop(start, end, body, initial_state(plan, x))['x']
 
 
 def strength_start(plan, strength):
@@ -430,3 +433,66 @@ def strength_start(plan, strength):
   n = plan.num_steps - 1 if plan.sampler == 'pndm' else plan.num_steps  # N, not PNDM's N + 1
   return max(n - min(int(n * strength), n), 0)
 
+
+
+def _timestep_cutoff(plan, fraction):
+  """diffusers' discrete timestep cutoff of denoising_start/end: the fraction of training time."""
+  t_max = plan.options.get('num_train_timesteps', 1000)
+  return int(round(t_max - fraction * t_max))
+
+
+def denoising_end_index(plan, fraction, start=0):
+  """diffusers' denoising_end: run steps start .. end-1, those at timesteps >= the cutoff.
+
+  Args:
+    plan: the sampler's tables.
+    fraction: the fraction of the noise schedule to denoise, in (0, 1) (SDXL's base: 0.8).
+    start: the first step run (img2img's).
+
+  Returns:
+    The step index to stop before.
+  """
+  cutoff = _timestep_cutoff(plan, fraction)
+  return start + int(np.sum(np.asarray(plan.timesteps)[start:] >= cutoff))
+
+
+def denoising_start_index(plan, fraction):
+  """diffusers' denoising_start: the first step whose timestep is below the cutoff (the refiner
+  takes over from a base run with denoising_end=fraction); strength plays no part."""
+  cutoff = _timestep_cutoff(plan, fraction)
+  # diffusers adds one step for second-order schedulers (Heun, KDPM2): none of ours is.
+  return plan.num_steps - int(np.sum(np.asarray(plan.timesteps) < cutoff))
+
+
+def step_range(plan, strength=None, denoising_start=None, denoising_end=None):
+  """The steps one run takes, [start, end), by diffusers' img2img and SDXL rules.
+
+  Args:
+    plan: the sampler's tables.
+    strength: img2img/inpainting strength (None: txt2img, from the first step).
+    denoising_start: start where the timesteps fall below this fraction (strength is ignored).
+    denoising_end: stop where they fall below this fraction.
+
+  Returns:
+    (start, end) step indices.
+
+  Raises:
+    ValueError: no step would run, naming the argument to change.
+  """
+  steps = plan.num_steps - 1 if plan.sampler == 'pndm' else plan.num_steps
+  if denoising_start is not None:
+    start = denoising_start_index(plan, denoising_start)
+    fix = (f'denoising_start {denoising_start} with {steps} steps runs no step; lower it or '
+           'raise steps')
+  else:
+    start = 0 if strength is None else strength_start(plan, strength)
+    fix = f'strength {strength} with {steps} steps runs no step; raise either'
+  if start >= plan.num_steps:
+    raise ValueError(fix)
+  end = plan.num_steps
+  if denoising_end is not None:
+    end = denoising_end_index(plan, denoising_end, start)
+    if end <= start:
+      raise ValueError(f'denoising_end {denoising_end} with {steps} steps runs no step; raise '
+                       'either')
+  return start, end

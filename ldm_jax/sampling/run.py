@@ -30,6 +30,15 @@ class Request:
   mask: str | None = None  # a path; white = repaint
   out_dir: str = 'samples'
   batch_size: int = 1  # images per generate call
+  # SDXL's micro-conditioning (None: the pipeline's defaults, as diffusers').
+  original_size: tuple | None = None  # (height, width)
+  crops_coords_top_left: tuple | None = None  # (top, left)
+  target_size: tuple | None = None  # (height, width)
+  aesthetic_score: float | None = None  # the refiner's
+
+
+# The Request fields passed on to generate only when set (SDXL's; others take none).
+XL_FIELDS = ('original_size', 'crops_coords_top_left', 'target_size', 'aesthetic_score')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +61,22 @@ def read_prompts(prompts=(), prompts_file=None):
   return prompts  # `validate` says what to do when there are none
 
 
-def validate(request, samplers, scale_factor=None):
+def parse_pair(value, flag):
+  """'H,W' (a --original_size, --crops_coords_top_left or --target_size value) as two ints;
+  None stays None."""
+  if value is None:
+    return None
+  parts = [p.strip() for p in (value.split(',') if isinstance(value, str) else value)]
+  try:
+    if len(parts) == 2:
+      return tuple(int(p) for p in parts)
+  except ValueError:
+    pass
+  raise ValueError(f'--{flag} {value if isinstance(value, str) else ",".join(parts)} is not two '
+                   'integers: give them as H,W (or TOP,LEFT), e.g. 1024,1024')
+
+
+def validate(request, samplers, scale_factor=None, xl=None):
   """Raises ValueError listing every problem with `request`, each with its fix.
 
   The size and strength rules are the pipeline's (`pipeline.input_problems`), named by flag.
@@ -62,6 +86,8 @@ def validate(request, samplers, scale_factor=None):
     samplers: the sampler names the pipeline knows.
     scale_factor: the VAE's downsampling factor (`StableDiffusion.vae_scale`); None leaves
       --height/--width unchecked, for a check before the weights are loaded.
+    xl: whether the model is SDXL (`StableDiffusion.is_xl`); False refuses the micro-
+      conditioning flags, None (before the weights are loaded) leaves them unchecked.
   """
   r = request
   problems = []
@@ -86,11 +112,28 @@ def validate(request, samplers, scale_factor=None):
     if path and not os.path.isfile(path):
       problems.append(f'--{flag} {path!r} does not exist (or is not a file)')
   problems += _mask_problems(r)
+  problems += _strength_problems(r, xl)
+  if xl is False:
+    problems += [f'--{name} is SDXL\'s micro-conditioning; this model is not SDXL: drop it'
+                 for name in XL_FIELDS if getattr(r, name) is not None]
   problem = config_check.folder_problem(r.out_dir, '--out')
   if problem:
     problems.append(problem)
   if problems:
     raise ValueError('bad sampling request:\n  ' + '\n  '.join(problems))
+
+
+def _strength_problems(request, xl):
+  """img2img that would run no step (diffusers' rule: int(steps * strength) steps), once the
+  strength is known (given, or the model's default once `xl` is)."""
+  r = request
+  if not r.init_image or r.steps < 1 or (r.strength is None and xl is None):
+    return []
+  value = strength(r, bool(xl))
+  if not 0 < value <= 1 or int(r.steps * value) >= 1:
+    return []
+  return [f'--strength {value} with --steps {r.steps} runs no denoising step (img2img runs '
+          f'int(steps x strength)): raise --steps to {math.ceil(1 / value)} or --strength']
 
 
 def _mask_problems(request):
@@ -153,28 +196,31 @@ def conditioning(request, scale_factor):
   return {'height': height, 'width': width, 'init_image': init_image, 'mask': mask}
 
 
-def strength(request):
-  """The img2img/inpainting strength: the request's, else the pipeline's default for the mode."""
+def strength(request, xl=False):
+  """The img2img/inpainting strength: the request's, else the pipeline's default for the mode
+  (and for SDXL, `xl`)."""
   if request.strength is not None:
     return request.strength
-  return pipeline.default_strength(bool(request.mask))
+  return pipeline.default_strength(bool(request.mask), xl)
 
 
-def generate_kwargs(request, batch, cond, progress=None):
-  """The keyword arguments of `StableDiffusion.generate` for one batch."""
+def generate_kwargs(request, batch, cond, progress=None, xl=False):
+  """The keyword arguments of `StableDiffusion.generate` for one batch (`xl`: an SDXL model)."""
   n = len(batch.prompts)
   kw = dict(negative_prompts=[request.negative_prompt] * n if request.negative_prompt else None,
             steps=request.steps, sampler=request.sampler, guidance_scale=request.guidance,
             seed=batch.seed, height=cond['height'], width=cond['width'], progress=progress)
   if cond['init_image'] is not None:
     kw.update(init_images=np.repeat(cond['init_image'][None], n, axis=0),
-              strength=strength(request))
+              strength=strength(request, xl))
   if cond['mask'] is not None:
     kw['masks'] = np.repeat(cond['mask'][None], n, axis=0)
+  kw.update({name: getattr(request, name) for name in XL_FIELDS
+             if getattr(request, name) is not None})
   return kw
 
 
-def records(request, batch, cond):
+def records(request, batch, cond, xl=False):
   """One samples.jsonl record per kept image of `batch`."""
   common = {'negative_prompt': request.negative_prompt, 'seed': batch.seed,
             'sampler': request.sampler, 'steps': request.steps, 'guidance': request.guidance}
@@ -183,9 +229,13 @@ def records(request, batch, cond):
   if cond['width'] is not None:
     common['width'] = cond['width']
   if request.init_image:
-    common.update(init_image=request.init_image, strength=strength(request))
+    common.update(init_image=request.init_image, strength=strength(request, xl))
   if request.mask:
     common['mask'] = request.mask
+  for name in XL_FIELDS:
+    value = getattr(request, name)
+    if value is not None:
+      common[name] = list(value) if isinstance(value, tuple) else value
   # (seed, index_in_call, batch_size) pins down an image's noise: one call draws it for all.
   return [{'prompt': p, **common, 'index_in_call': k, 'batch_size': len(batch.prompts)}
           for k, p in enumerate(batch.prompts[:batch.num_real])]
@@ -239,7 +289,7 @@ def run(sd, request, log=print):
 
   Args:
     sd: an object with StableDiffusion's `generate(prompts, *, ...) -> uint8 (N, H, W, 3)` and
-      `vae_scale`.
+      `vae_scale` (and `is_xl`, False when absent).
     request: a Request (call `validate` first).
     log: where progress lines go.
 
@@ -256,16 +306,17 @@ def run(sd, request, log=print):
     log(f'{request.out_dir} holds an earlier run: its samples.jsonl and same-numbered PNGs are '
         'replaced')
   throughput, step_counter = _Throughput(total), _step_counter(sys.stdout)
-  written, grid_images = [], []
+  written, grid_images, xl = [], [], bool(getattr(sd, 'is_xl', False))
   for b, batch in enumerate(batches):
     images = np.asarray(sd.generate(list(batch.prompts),
-                                    **generate_kwargs(request, batch, cond, step_counter)))
+                                    **generate_kwargs(request, batch, cond, step_counter, xl)))
     if images.shape[0] != len(batch.prompts):
       raise RuntimeError(f'generate returned {images.shape[0]} images for '
                          f'{len(batch.prompts)} prompts')
     images = images[:batch.num_real]
-    written += outputs.write_samples(request.out_dir, images, records(request, batch, cond),
-                                     start=batch.start, grid=False)
+    written += outputs.write_samples(request.out_dir, images,
+                                     records(request, batch, cond, xl), start=batch.start,
+                                     grid=False)
     grid_images += list(images[:outputs.MAX_GRID_IMAGES - len(grid_images)])
     if step_counter:
       sys.stdout.write('\r' + ' ' * 24 + '\r')  # erase the step counter

@@ -8,6 +8,7 @@
       --prompt "a lighthouse"
   python sample.py --init /models/stable-diffusion-xl-base-1.0 --sampler euler --guidance 5 \
       --prompt "a fox" --original_size 1024,1024 --crops_coords_top_left 0,0 --target_size 1024,1024
+  python sample.py --init /models/sd15 --lora style.safetensors:0.8 --prompt "a sks dog"
 
 SDXL folders (base or refiner) need no other flags; the base -> refiner hand-off is a library call:
 `pipeline.base_and_refiner(base, refiner, prompts, high_noise_frac=0.8, steps=40, ...)`.
@@ -16,6 +17,7 @@ Writes 000000.png, ..., grid.png and samples.jsonl (prompt, seed, sampler, ... p
 --out. --init takes a diffusers folder or an original .safetensors / .ckpt file; `--workdir
 runs/x` samples from one of our training runs (its latest EMA weights, read without writing;
 `--vae_workdir` names its VAE run when the run was moved or copied away from it).
+--lora FILE[:SCALE] (repeatable) merges LoRAs into any of these (`ldm_jax.sampling.loras`).
 """
 
 import contextlib
@@ -29,6 +31,7 @@ from ldm_jax import checkpoint
 from ldm_jax import cli_logging
 from ldm_jax import config_check
 from ldm_jax.diffusion import pipeline
+from ldm_jax.sampling import loras
 from ldm_jax.sampling import run
 from ldm_jax.sampling import sources
 
@@ -71,6 +74,8 @@ _ORIGINAL_SIZE = flags.DEFINE_string('original_size', None, 'SDXL: H,W, the orig
 _CROPS = flags.DEFINE_string('crops_coords_top_left', None, 'SDXL: TOP,LEFT crop conditioning '
                              '(default 0,0).')
 _TARGET_SIZE = flags.DEFINE_string('target_size', None, 'SDXL: H,W (default: the image size).')
+_LORA = flags.DEFINE_multi_string('lora', [], 'FILE[:SCALE]: a LoRA file (diffusers/PEFT or '
+                                   'kohya layout) merged at SCALE (default 1.0); repeatable.')
 _AESTHETIC = flags.DEFINE_float('aesthetic_score', None, 'SDXL refiner: the aesthetic score '
                                 'conditioning (default 6.0).')
 
@@ -87,7 +92,7 @@ def _request():
       original_size=run.parse_pair(_ORIGINAL_SIZE.value, 'original_size'),
       crops_coords_top_left=run.parse_pair(_CROPS.value, 'crops_coords_top_left'),
       target_size=run.parse_pair(_TARGET_SIZE.value, 'target_size'),
-      aesthetic_score=_AESTHETIC.value)
+      aesthetic_score=_AESTHETIC.value, loras=loras.parse_all(_LORA.value))
 
 
 @contextlib.contextmanager
@@ -114,7 +119,7 @@ def main(argv):
 
   # Model; then the sizes, which must be multiples of this VAE's downsampling factor.
   with _usage_errors():
-    sd = pipeline.StableDiffusion(sources.load(source))
+    sd = pipeline.StableDiffusion(loras.apply_loras(sources.load(source), request.loras))
     run.validate(request, pipeline.SAMPLERS, sd.vae_scale, getattr(sd, 'is_xl', None))
 
   # Loop.

@@ -15,3 +15,14 @@ import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def pytest_sessionstart(session):
+  """One torch thread for the PyTorch oracles: their tiny models gain nothing from more, and on
+  a busy 2-core machine torch's intra-op threads wait on each other (20-50x slower calls)."""
+  del session
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (the oracles are optional)
+  except ImportError:
+    return
+  torch.set_num_threads(1)

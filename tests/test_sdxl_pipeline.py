@@ -30,16 +30,6 @@ SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 8x8
 MICRO = dict(original_size=(40, 48), crops_coords_top_left=(4, 2), target_size=(24, 32))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-  """The tiny diffusers references run 20-50x faster on one thread when the cores are busy
-  (torch's intra-op threads wait on each other); restored afterwards."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def _save(path, refiner):
   """A tiny SDXL folder whose VAE posterior std is ~3e-7 (as test_pipeline's): diffusers'
   posterior samples then use no noise that would differ from ours."""

@@ -344,18 +344,68 @@ def load_lora(path, base, dtype=np.float32):
                (f'{len(mis_shaped)} mis-shaped adapters', mis_shaped)]
   problems = [p for p in problems if p[1]]
   if problems or not found:
-    raise LoraFormatError(_report(path, problems or [('no LoRA keys at all', list(state)[:5])]))
+    raise LoraFormatError(_report(path, problems or [('no LoRA keys at all', list(state)[:5])],
+                                  _made_for(state, base)))
   adapters = {n: lora_lib.from_modules(m) for n, m in modules.items()}
   return LoraFile(adapters, alphas, layout, metadata)
 
 
-def _report(path, problems):
+def _report(path, problems, hints=()):
   lines = [f'{path}: the LoRA does not fit these networks. Check that it was made for this model '
            '(SD 1.x, 2.x, XL) and that every network it adapts is passed in `base`.']
+  lines.extend(hints)
   for title, keys in problems:
     lines.append(f'  {title}:')
     lines.extend(f'    {k}' for k in keys)
   return '\n'.join(lines)
+
+
+# The released families by their U-Net's cross-attention context width (attn2.to_k's input).
+_FAMILIES = {768: 'SD 1.x', 1024: 'SD 2.x', 2048: 'SDXL', 1280: 'the SDXL refiner'}
+# Keys of the down (A) matrices whose input width tells the model, '_' read as '.', lower case.
+_CONTEXT_KEY = r'attn2\.(processor\.)?to\.k\.(lora\.)?(a|down)\.weight$'
+_TEXT_KEY = r'self\.attn\.(q\.proj|to\.q)\.(lora\.)?(a|down)\.weight$'
+_CONTEXT = 'cross-attention context width'
+
+
+def _file_widths(state):
+  """{what: width} a LoRA file's down matrices read: the U-Net's context, each text encoder's."""
+  out = {}
+  for key, value in state.items():
+    name = key.lower().replace('_', '.')
+    if np.ndim(value) < 2:
+      continue
+    if re.search(_CONTEXT_KEY, name):
+      out.setdefault(_CONTEXT, value.shape[1])
+    elif re.search(_TEXT_KEY, name):
+      second = key.startswith(('lora_te2_', 'text_encoder_2.'))
+      out.setdefault(f'{"text_encoder_2" if second else "text_encoder"} width', value.shape[1])
+  return out
+
+
+def _model_widths(base):
+  """The same widths of the base networks (from their attn2.to_k and q_proj kernels)."""
+  out = {}
+  for network, tree in base.items():
+    for path, kernel in lora_lib.kernels(tree).items():
+      if network == 'unet' and path[-2:] == ('attn2', 'to_k'):
+        out.setdefault(_CONTEXT, kernel.shape[0])
+      elif network != 'unet' and path[-2:] == ('self_attn', 'q_proj'):
+        out.setdefault(f'{network} width', kernel.shape[0])
+  return out
+
+
+def _made_for(state, base):
+  """A line saying which model a LoRA looks made for, when its widths are not this model's."""
+  theirs, ours = _file_widths(state), _model_widths(base)
+  order = (_CONTEXT, 'text_encoder width', 'text_encoder_2 width')
+  differ = [f'{what} {theirs[what]} (this model: {ours.get(what, "has none")})'
+            for what in order if what in theirs and ours.get(what) != theirs[what]]
+  if not differ:
+    return []
+  family = _FAMILIES.get(theirs.get(_CONTEXT))
+  guess = f'it looks made for {family}' if family else 'it looks made for another model'
+  return [f'  {guess}: its ' + '; '.join(differ)]
 
 
 def _to_torch(adapter):

@@ -10,6 +10,7 @@ import numpy as np
 
 from ldm_jax import config_check
 from ldm_jax.diffusion import pipeline
+from ldm_jax.sampling import loras as loras_lib
 from ldm_jax.sampling import outputs
 
 
@@ -35,6 +36,9 @@ class Request:
   crops_coords_top_left: tuple | None = None  # (top, left)
   target_size: tuple | None = None  # (height, width)
   aesthetic_score: float | None = None  # the refiner's
+  # LoRAs (`loras.Lora`s, or FILE[:SCALE] strings) the pipeline's weights hold: whoever builds
+  # the pipeline merges them (sample.py: `loras.apply_loras`); the run checks and records them.
+  loras: tuple = ()
 
 
 # The Request fields passed on to generate only when set (SDXL's; others take none).
@@ -112,6 +116,10 @@ def validate(request, samplers, scale_factor=None, xl=None):
     if path and not os.path.isfile(path):
       problems.append(f'--{flag} {path!r} does not exist (or is not a file)')
   problems += _mask_problems(r)
+  try:
+    problems += loras_lib.problems(r.loras)
+  except ValueError as e:  # a bad FILE:SCALE
+    problems.append(str(e))
   problems += _strength_problems(r, xl)
   if xl is False:
     problems += [f'--{name} is SDXL\'s micro-conditioning; this model is not SDXL: drop it'
@@ -232,6 +240,8 @@ def records(request, batch, cond, xl=False):
     common.update(init_image=request.init_image, strength=strength(request, xl))
   if request.mask:
     common['mask'] = request.mask
+  if request.loras:
+    common['loras'] = [lora.record() for lora in loras_lib.parse_all(request.loras)]
   for name in XL_FIELDS:
     value = getattr(request, name)
     if value is not None:
@@ -302,6 +312,9 @@ def run(sd, request, log=print):
   log(f'sampling {total} images in {len(batches)} calls of {len(batches[0].prompts)} '
       f'({request.sampler}, {request.steps} steps, guidance {request.guidance}) '
       f'into {request.out_dir}')
+  if request.loras:
+    log('with LoRAs ' + ', '.join(f'{lora.path} at scale {lora.scale:g}'
+                                  for lora in loras_lib.parse_all(request.loras)))
   if os.path.exists(os.path.join(request.out_dir, outputs.SAMPLES_JSONL)):
     log(f'{request.out_dir} holds an earlier run: its samples.jsonl and same-numbered PNGs are '
         'replaced')
